@@ -1,0 +1,198 @@
+"""The backend registry: lazy loading through the entry-point group `multires.backends`.
+
+A backend is a module (named by an entry point in the group `multires.backends`; the entry
+point's name is also the pip extra that installs its framework) exposing:
+
+- `NAME`: its registry name; `LAYOUTS`: supported layouts, the default first;
+  `FRAMEWORK_MODULES`: top-level modules whose objects it owns (e.g. `("torch",)`).
+- `LOWERINGS`: the table from spec node type to a lowering function, one per node type.
+- `build(graph, layout) -> model`: a native model.
+- `export_weights(model) -> dict[str, np.ndarray]` and `load_weights(model, weights) -> model`:
+  canonical weights (see `multires.weights`) out of and into a native model.
+- `make_runner(graph, weights, layout, optimizer) -> Runner`: the uniform handle the
+  conformance suite and the trainer drive.
+
+Frameworks are imported only when a backend is first used; a missing framework raises
+`BackendUnavailableError` with the pip command that installs it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import Any, Protocol
+
+import numpy as np
+
+from multires.errors import BackendNotFoundError, BackendUnavailableError, ShapeError
+from multires.shapes import check_layout
+from multires.graph import Graph
+
+ENTRY_POINT_GROUP = "multires.backends"
+
+ALIASES = {"pytorch": "torch", "keras": "tf", "tensorflow": "tf", "jax": "flax", "gluon": "mxnet"}
+"""Other names people use for a backend."""
+
+FRAMEWORKS = {
+    "torch": "PyTorch",
+    "tf": "TensorFlow/Keras",
+    "flax": "JAX/Flax",
+    "mxnet": "MXNet",
+    "onnx": "ONNX/onnxruntime",
+}
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Stochastic gradient descent as `torch.optim.SGD` defines it (every backend matches it).
+
+    `g = grad + weight_decay * w`; `buf = momentum * buf + g` (`buf = g` on the first step);
+    `w = w - lr * buf`. Weight decay applies to every trainable parameter.
+    """
+
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+class Runner(Protocol):
+    """A built model with its weights and optimizer state, driven with NumPy arrays."""
+
+    layout: str
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        """Logits (or the single output) for a float32 batch in `layout`; training mode uses
+        batch statistics and updates the running statistics."""
+
+    def train_step(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+        """One optimizer step on mean softmax cross-entropy in training mode; returns the loss
+        and the logits of the forward pass before the update."""
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The current canonical weights, running statistics included."""
+
+
+def _registered() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def backends() -> list[str]:
+    """Names of every registered backend, installed framework or not."""
+    return sorted(_registered())
+
+
+def canonical_name(name: str) -> str:
+    """Resolve aliases (`keras` -> `tf`) and raise BackendNotFoundError for unknown names."""
+    key = ALIASES.get(str(name).lower(), str(name).lower())
+    known = _registered()
+    if key not in known:
+        guess = difflib.get_close_matches(key, list(known) + list(ALIASES), n=1)
+        hint = f" Did you mean {ALIASES.get(guess[0], guess[0])!r}?" if guess else ""
+        raise BackendNotFoundError(
+            f"unknown backend {name!r}; registered: {', '.join(sorted(known)) or 'none'}.{hint}"
+        )
+    return key
+
+
+@cache
+def _load(key: str) -> ModuleType:
+    entry = _registered()[key]
+    try:
+        return entry.load()
+    except ModuleNotFoundError as error:
+        framework = FRAMEWORKS.get(key, key)
+        raise BackendUnavailableError(
+            f"backend {key!r} needs {framework}, which is not installed ({error.name!r} is missing): "
+            f"pip install 'multires[{key}]'"
+        ) from error
+
+
+def get_backend(name: str) -> ModuleType:
+    """The backend module registered under `name` (or an alias), importing its framework."""
+    return _load(canonical_name(name))
+
+
+def available_backends() -> list[str]:
+    """Registered backends whose framework imports in this environment."""
+    names = []
+    for key in backends():
+        try:
+            _load(key)
+        except BackendUnavailableError:
+            continue
+        names.append(key)
+    return names
+
+
+def resolve_layout(backend: ModuleType, layout: str | None) -> str:
+    """The backend's default layout, or `layout` if the backend supports it."""
+    if layout is None:
+        return backend.LAYOUTS[0]
+    layout = check_layout(layout)
+    if layout not in backend.LAYOUTS:
+        raise ShapeError(
+            f"backend {backend.NAME!r} supports layouts {list(backend.LAYOUTS)}, not {layout!r}."
+            + getattr(backend, "LAYOUT_HINT", "")
+        )
+    return layout
+
+
+def backend_of(model: Any) -> ModuleType:
+    """The backend that owns a native model, judged by the framework its class comes from."""
+    root = type(model).__module__.split(".")[0]
+    first = ALIASES.get(root, root)
+    for key in sorted(backends(), key=lambda k: k != first):
+        try:
+            module = _load(key)
+        except BackendUnavailableError:
+            continue
+        if root in module.FRAMEWORK_MODULES:
+            return module
+    raise BackendNotFoundError(
+        f"no installed multires backend handles {type(model).__module__}.{type(model).__name__}."
+    )
+
+
+def build(
+    name_or_graph: str | Graph,
+    backend: str = "torch",
+    layout: str | None = None,
+    weights: Any = None,
+    **options: Any,
+) -> Any:
+    """Build a native model of a zoo name (with `options`) or a Graph in `backend`.
+
+    `layout` defaults to the backend's own (NCHW for torch and mxnet, NHWC for tf and flax);
+    `weights` (a canonical mapping or a weight-file path) are loaded if given.
+    """
+    from multires.weights import as_weights
+    from multires.zoo import spec
+
+    module = get_backend(backend)
+    if options and not isinstance(name_or_graph, str):
+        raise TypeError(f"options {sorted(options)} apply to zoo names, not to a Graph.")
+    graph = spec(name_or_graph, **options) if isinstance(name_or_graph, str) else name_or_graph
+    layout = resolve_layout(module, layout)
+    model = module.build(graph, layout)
+    if weights is not None:
+        model = module.load_weights(model, as_weights(weights, graph))
+    return model
+
+
+def make_runner(
+    graph: Graph,
+    weights: Any,
+    backend: str,
+    layout: str | None = None,
+    optimizer: SGD | None = None,
+) -> Runner:
+    """A `Runner` for `graph` with canonical `weights` in `backend`."""
+    from multires.weights import as_weights
+
+    module = get_backend(backend)
+    return module.make_runner(
+        graph, as_weights(weights, graph), resolve_layout(module, layout), optimizer or SGD()
+    )

@@ -1,0 +1,31 @@
+"""Typed exceptions. Each also subclasses the builtin a user would expect to catch."""
+
+from __future__ import annotations
+
+
+class MultiresError(Exception):
+    """Base class of every error multires raises on purpose."""
+
+
+class SpecError(MultiresError, ValueError):
+    """An invalid graph: the message names the node, the rule, the value and the fix."""
+
+
+class ShapeError(MultiresError, ValueError):
+    """An input whose shape or layout does not fit the model."""
+
+
+class WeightsError(MultiresError, ValueError):
+    """Weights that do not match a graph, or a corrupt weight file."""
+
+
+class BackendNotFoundError(MultiresError, LookupError):
+    """A backend name nobody registered."""
+
+
+class BackendUnavailableError(MultiresError, ImportError):
+    """A registered backend whose framework is not installed."""
+
+
+class ModelNotFoundError(MultiresError, LookupError):
+    """A model name the zoo does not know."""

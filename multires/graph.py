@@ -1,0 +1,452 @@
+"""The network spec: frozen node dataclasses forming a DAG in a `Graph`.
+
+A spec is a value: hashable, comparable and serialisable to JSON/YAML. Every node pins what
+frameworks disagree on (explicit per-side padding, BatchNorm momentum convention, max-pool
+padding that never wins the max), and `multires.reference` defines what each node computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar
+
+from multires.errors import SpecError
+
+SCHEMA_VERSION = 1
+SCHEMA = "multires.graph"
+
+Pair = tuple[int, int]
+Padding = tuple[Pair, Pair]
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def _where(node: Node) -> str:
+    return f"{node.name} ({type(node).__name__})"
+
+
+def _ints(value: Any, node: Node, what: str) -> tuple[int, ...]:
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise SpecError(f"{_where(node)}: {what} must be integers; got {value!r}.")
+        out.append(int(item))
+    return tuple(out)
+
+
+def _pair(value: Any, node: Node, what: str, minimum: int = 1) -> Pair:
+    items = _ints(value, node, what)
+    if len(items) == 1:
+        items = items * 2
+    if len(items) != 2:
+        raise SpecError(f"{_where(node)}: {what} must be an int or a pair (h, w); got {value!r}.")
+    if min(items) < minimum:
+        raise SpecError(
+            f"{_where(node)}: {what} must be >= {minimum}; got {value!r}. Use a value >= {minimum}."
+        )
+    return (items[0], items[1])
+
+
+def _padding(value: Any, node: Node) -> Padding:
+    """Normalise `p`, `(ph, pw)` or `((top, bottom), (left, right))` to the per-side form."""
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, (tuple, list)) for v in value
+    ):
+        rows, cols = (_pair(v, node, "padding", minimum=0) for v in value)
+        return (rows, cols)
+    if isinstance(value, str):
+        raise SpecError(
+            f"{_where(node)}: padding must be explicit per side, not {value!r}; give an int, "
+            "(ph, pw) or ((top, bottom), (left, right))."
+        )
+    ph, pw = _pair(value, node, "padding", minimum=0)
+    return ((ph, ph), (pw, pw))
+
+
+def _positive(value: Any, node: Node, what: str) -> int:
+    (number,) = _ints(value, node, what)
+    if number < 1:
+        raise SpecError(f"{_where(node)}: {what} must be positive; got {number}. Use a value >= 1.")
+    return number
+
+
+@dataclass(frozen=True)
+class Input:
+    """A graph input: a batch of `channels`-channel images, NCHW in the spec."""
+
+    name: str
+    channels: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _SEGMENT.match(self.name):
+            raise SpecError(f"input {self.name!r}: a name is letters, digits and '_'.")
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
+            raise SpecError(f"input {self.name}: channels must be a positive int; got {self.channels!r}.")
+
+
+@dataclass(frozen=True)
+class Node:
+    """A named operation reading the outputs of the nodes (or graph inputs) named in `inputs`."""
+
+    name: str
+    inputs: tuple[str, ...]
+
+    op: ClassVar[str] = ""
+    arity: ClassVar[int | None] = 1
+    """Number of inputs; None means two or more."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or not all(
+            _SEGMENT.match(part) for part in self.name.split(".")
+        ):
+            raise SpecError(
+                f"{self.name!r} ({type(self).__name__}): a node name is dot-separated segments of "
+                "letters, digits and '_', like 'layer1.0.conv1'."
+            )
+        inputs = (self.inputs,) if isinstance(self.inputs, str) else tuple(self.inputs)
+        object.__setattr__(self, "inputs", inputs)
+        if self.arity is None and len(inputs) < 2:
+            raise SpecError(f"{_where(self)}: needs two or more inputs; got {list(inputs)}.")
+        if self.arity is not None and len(inputs) != self.arity:
+            raise SpecError(f"{_where(self)}: takes {self.arity} input(s); got {list(inputs)}.")
+        self._normalise()
+
+    def _normalise(self) -> None:
+        """Check and normalise the node's own fields (overridden by node types with fields)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: `op`, `name`, `inputs` and the node's own fields."""
+        data: dict[str, Any] = {"op": self.op, "name": self.name, "inputs": list(self.inputs)}
+        for f in dataclasses.fields(self):
+            if f.name not in ("name", "inputs"):
+                data[f.name] = _to_json_value(getattr(self, f.name))
+        return data
+
+
+def _to_json_value(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_json_value(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Conv2d(Node):
+    """2-D cross-correlation, as `torch.nn.Conv2d`. Weight OIHW `(out, in/groups, kh, kw)`."""
+
+    out_channels: int = 0
+    kernel: Pair = (1, 1)
+    stride: Pair = (1, 1)
+    padding: Padding = ((0, 0), (0, 0))
+    dilation: Pair = (1, 1)
+    groups: int = 1
+    bias: bool = False
+
+    op: ClassVar[str] = "conv2d"
+
+    def _normalise(self) -> None:
+        object.__setattr__(self, "out_channels", _positive(self.out_channels, self, "out_channels"))
+        object.__setattr__(self, "kernel", _pair(self.kernel, self, "kernel"))
+        object.__setattr__(self, "stride", _pair(self.stride, self, "stride"))
+        object.__setattr__(self, "padding", _padding(self.padding, self))
+        object.__setattr__(self, "dilation", _pair(self.dilation, self, "dilation"))
+        object.__setattr__(self, "groups", _positive(self.groups, self, "groups"))
+        object.__setattr__(self, "bias", bool(self.bias))
+        if self.out_channels % self.groups:
+            raise SpecError(
+                f"{_where(self)}: groups (={self.groups}) must divide out_channels "
+                f"(={self.out_channels}). Change groups or out_channels."
+            )
+
+
+@dataclass(frozen=True)
+class BatchNorm(Node):
+    """Batch normalisation over the channel axis of a 4-D map.
+
+    `momentum` is PyTorch's: the weight of the new batch statistic,
+    `running = (1 - momentum) * running + momentum * batch_stat`, where the running variance
+    takes the unbiased batch variance and normalisation uses the biased one. Keras, Flax, MXNet
+    and ONNX call `1 - momentum` their momentum; backends convert.
+    """
+
+    eps: float = 1e-5
+    momentum: float = 0.1
+
+    op: ClassVar[str] = "batchnorm"
+
+    def _normalise(self) -> None:
+        object.__setattr__(self, "eps", float(self.eps))
+        object.__setattr__(self, "momentum", float(self.momentum))
+        if not self.eps > 0:
+            raise SpecError(f"{_where(self)}: eps must be > 0; got {self.eps}.")
+        if not 0 <= self.momentum <= 1:
+            raise SpecError(
+                f"{_where(self)}: momentum is the weight of the new batch statistic and must lie "
+                f"in [0, 1]; got {self.momentum}. (Keras/Flax momentum m is 1 - m here.)"
+            )
+
+
+@dataclass(frozen=True)
+class ReLU(Node):
+    """max(x, 0), elementwise."""
+
+    op: ClassVar[str] = "relu"
+
+
+@dataclass(frozen=True)
+class Add(Node):
+    """Elementwise sum of two or more inputs of the same shape."""
+
+    op: ClassVar[str] = "add"
+    arity: ClassVar[int | None] = None
+
+
+@dataclass(frozen=True)
+class MaxPool2d(Node):
+    """Max pooling; padded positions are -inf, so padding never wins the max."""
+
+    kernel: Pair = (1, 1)
+    stride: Pair | None = None
+    padding: Padding = ((0, 0), (0, 0))
+
+    op: ClassVar[str] = "maxpool2d"
+
+    def _normalise(self) -> None:
+        _normalise_pool(self)
+
+
+@dataclass(frozen=True)
+class AvgPool2d(Node):
+    """Average pooling; with `count_include_pad` padded zeros count in the divisor (PyTorch's default)."""
+
+    kernel: Pair = (1, 1)
+    stride: Pair | None = None
+    padding: Padding = ((0, 0), (0, 0))
+    count_include_pad: bool = True
+
+    op: ClassVar[str] = "avgpool2d"
+
+    def _normalise(self) -> None:
+        _normalise_pool(self)
+        object.__setattr__(self, "count_include_pad", bool(self.count_include_pad))
+
+
+def _normalise_pool(node: MaxPool2d | AvgPool2d) -> None:
+    object.__setattr__(node, "kernel", _pair(node.kernel, node, "kernel"))
+    stride = node.kernel if node.stride is None else node.stride
+    object.__setattr__(node, "stride", _pair(stride, node, "stride"))
+    object.__setattr__(node, "padding", _padding(node.padding, node))
+    for (before, after), k in zip(node.padding, node.kernel):
+        if max(before, after) > k // 2:
+            raise SpecError(
+                f"{_where(node)}: padding {node.padding} exceeds half the kernel {node.kernel}; "
+                "a window could then hold only padding. Use padding <= kernel // 2."
+            )
+
+
+@dataclass(frozen=True)
+class GlobalAvgPool(Node):
+    """Mean over the spatial axes, keeping them: (N, C, H, W) -> (N, C, 1, 1)."""
+
+    op: ClassVar[str] = "global_avgpool"
+
+
+@dataclass(frozen=True)
+class Flatten(Node):
+    """(N, C, H, W) -> (N, C*H*W) in NCHW (channel-major) order, whatever the backend's layout."""
+
+    op: ClassVar[str] = "flatten"
+
+
+@dataclass(frozen=True)
+class Dense(Node):
+    """Fully connected layer `y = x W^T + b`, weight `(out_features, in_features)`."""
+
+    out_features: int = 0
+    bias: bool = True
+
+    op: ClassVar[str] = "dense"
+
+    def _normalise(self) -> None:
+        object.__setattr__(self, "out_features", _positive(self.out_features, self, "out_features"))
+        object.__setattr__(self, "bias", bool(self.bias))
+
+
+NODE_TYPES: dict[str, type[Node]] = {
+    cls.op: cls
+    for cls in (Conv2d, BatchNorm, ReLU, Add, MaxPool2d, AvgPool2d, GlobalAvgPool, Flatten, Dense)
+}
+"""Every node type by its `op` name; backends must lower each of them."""
+
+
+def node_from_dict(data: Mapping[str, Any]) -> Node:
+    """Rebuild a node from `Node.to_dict` output."""
+    data = dict(data)
+    op = data.pop("op", None)
+    if op not in NODE_TYPES:
+        raise SpecError(f"{data.get('name', '?')!r}: unknown op {op!r}; known: {sorted(NODE_TYPES)}.")
+    cls = NODE_TYPES[op]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SpecError(f"{data.get('name', '?')} ({cls.__name__}): unknown fields {unknown}.")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A DAG of nodes with named inputs and outputs.
+
+    Nodes are stored in a deterministic topological order (stable with respect to the order
+    given), so two graphs with the same nodes compare equal. Construction checks the structure
+    (names, references, cycles) and the channel arithmetic; `multires.infer_shapes` checks the
+    spatial sizes for a given input.
+    """
+
+    name: str
+    inputs: tuple[Input, ...]
+    nodes: tuple[Node, ...]
+    outputs: tuple[str, ...]
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        inputs = (self.inputs,) if isinstance(self.inputs, Input) else tuple(self.inputs)
+        outputs = (self.outputs,) if isinstance(self.outputs, str) else tuple(self.outputs)
+        object.__setattr__(self, "inputs", inputs)
+        object.__setattr__(self, "outputs", outputs)
+        object.__setattr__(self, "nodes", _topological(tuple(self.nodes), inputs, outputs))
+        from multires.shapes import infer_shapes
+
+        infer_shapes(self)
+
+    @cached_property
+    def by_name(self) -> dict[str, Node]:
+        """Nodes by name."""
+        return {node.name: node for node in self.nodes}
+
+    @cached_property
+    def consumers(self) -> dict[str, tuple[str, ...]]:
+        """For each node or input name, the nodes that read it."""
+        users: dict[str, list[str]] = {i.name: [] for i in self.inputs}
+        users.update({n.name: [] for n in self.nodes})
+        for node in self.nodes:
+            for source in node.inputs:
+                users[source].append(node.name)
+        return {name: tuple(v) for name, v in users.items()}
+
+    def __getitem__(self, name: str) -> Node:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            raise KeyError(f"graph {self.name!r} has no node {name!r}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict carrying the schema name and version."""
+        return {
+            "schema": SCHEMA,
+            "version": SCHEMA_VERSION,
+            "name": self.name,
+            "description": self.description,
+            "inputs": [{"name": i.name, "channels": i.channels} for i in self.inputs],
+            "nodes": [node.to_dict() for node in self.nodes],
+            "outputs": list(self.outputs),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Graph:
+        """Rebuild a graph from `to_dict` output, checking the schema version."""
+        if data.get("schema") != SCHEMA or data.get("version") != SCHEMA_VERSION:
+            raise SpecError(
+                f"not a multires graph of schema {SCHEMA} version {SCHEMA_VERSION}: got "
+                f"schema={data.get('schema')!r}, version={data.get('version')!r}."
+            )
+        return cls(
+            name=data["name"],
+            inputs=tuple(Input(**i) for i in data["inputs"]),
+            nodes=tuple(node_from_dict(n) for n in data["nodes"]),
+            outputs=tuple(data["outputs"]),
+            description=data.get("description", ""),
+        )
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """Serialise to JSON text."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> Graph:
+        """Parse JSON text written by `to_json`."""
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self) -> str:
+        """Serialise to YAML text (needs PyYAML: `pip install 'multires[yaml]'`)."""
+        return _yaml().safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Graph:
+        """Parse YAML text written by `to_yaml`."""
+        return cls.from_dict(_yaml().safe_load(text))
+
+
+def _yaml() -> Any:
+    try:
+        import yaml
+    except ImportError:
+        from multires.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            "YAML needs PyYAML: pip install 'multires[yaml]' (or pyyaml)."
+        ) from None
+    return yaml
+
+
+def _topological(nodes: tuple[Node, ...], inputs: tuple[Input, ...], outputs: tuple[str, ...]) -> tuple[Node, ...]:
+    """Check names and references, then order nodes so each follows its inputs (stable)."""
+    if not inputs:
+        raise SpecError("a graph needs at least one Input.")
+    seen: dict[str, str] = {}
+    for item in (*inputs, *nodes):
+        if item.name in seen:
+            raise SpecError(
+                f"{item.name} ({type(item).__name__}): duplicate name; it is also a {seen[item.name]}. "
+                "Give every node and input a unique name."
+            )
+        seen[item.name] = type(item).__name__
+    names = sorted(seen)
+    for shorter, longer in zip(names, names[1:]):
+        if longer.startswith(shorter + "."):
+            raise SpecError(
+                f"{shorter} ({seen[shorter]}): its name is also the prefix of {longer!r}, so it would be "
+                "both a layer and a container. Rename one of them."
+            )
+    for node in nodes:
+        for source in node.inputs:
+            if source not in seen:
+                raise SpecError(
+                    f"{_where(node)}: unknown input {source!r}. Name an existing node or graph input."
+                )
+    if not outputs:
+        raise SpecError("a graph needs at least one output.")
+    for out in outputs:
+        if out not in seen:
+            raise SpecError(f"output {out!r}: no node or input has that name.")
+    done = {i.name for i in inputs}
+    pending = list(nodes)
+    ordered: list[Node] = []
+    while pending:
+        index = next((i for i, n in enumerate(pending) if all(s in done for s in n.inputs)), None)
+        if index is None:
+            stuck = pending[0]
+            raise SpecError(
+                f"{_where(stuck)}: part of a cycle through {[n.name for n in pending]}. "
+                "A graph must be acyclic: break the loop."
+            )
+        node = pending.pop(index)
+        ordered.append(node)
+        done.add(node.name)
+    return tuple(ordered)
+

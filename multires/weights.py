@@ -1,0 +1,276 @@
+"""Canonical weights: a flat name -> float32 `numpy.ndarray` mapping, the lingua franca of backends.
+
+Names are `<node name>.<kind>` with torchvision's kinds and layouts: convolution `weight`
+OIHW `(out, in/groups, kh, kw)` and `bias`; BatchNorm `weight`, `bias`, `running_mean`,
+`running_var`; Dense `weight` `(out, in)` and `bias`. Files are `.safetensors` (read and written
+here with NumPy alone) or `.npz`, both loaded without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from multires.errors import WeightsError
+from multires.shapes import Shape, infer_shapes
+from multires.graph import BatchNorm, Conv2d, Dense, Graph
+
+CanonicalWeights = dict[str, np.ndarray]
+"""Name -> float32 array, in the layouts above."""
+
+BUFFER_KINDS = ("running_mean", "running_var")
+"""Weight kinds that are statistics, not trainable parameters."""
+
+
+def is_buffer(name: str) -> bool:
+    """True for running statistics, which optimizers do not update."""
+    return name.rsplit(".", 1)[-1] in BUFFER_KINDS
+
+
+def weight_shapes(graph: Graph, input_shape: Shape | None = None) -> dict[str, tuple[int, ...]]:
+    """Every canonical weight name of `graph` with its shape, in graph order."""
+    shapes = infer_shapes(graph, input_shape)
+    expected: dict[str, tuple[int, ...]] = {}
+    for node in graph.nodes:
+        c_in = shapes[node.inputs[0]][1]
+        if isinstance(node, Conv2d):
+            expected[f"{node.name}.weight"] = (node.out_channels, c_in // node.groups, *node.kernel)
+            if node.bias:
+                expected[f"{node.name}.bias"] = (node.out_channels,)
+        elif isinstance(node, BatchNorm):
+            for kind in ("weight", "bias", *BUFFER_KINDS):
+                expected[f"{node.name}.{kind}"] = (c_in,)
+        elif isinstance(node, Dense):
+            if c_in is None:
+                raise WeightsError(
+                    f"{node.name} (Dense): its input size depends on the image size; pass input_shape."
+                )
+            expected[f"{node.name}.weight"] = (node.out_features, c_in)
+            if node.bias:
+                expected[f"{node.name}.bias"] = (node.out_features,)
+    return expected
+
+
+def init_weights(graph: Graph, seed: int = 0, input_shape: Shape | None = None) -> CanonicalWeights:
+    """Initial weights as torchvision initialises a ResNet, reproducible from `seed`.
+
+    Convolutions: Kaiming-normal, fan-out, ReLU gain (`std = sqrt(2 / (out * kh * kw))`), bias
+    uniform in +-1/sqrt(fan_in); BatchNorm weight 1, bias 0, running mean 0, variance 1; Dense
+    weight and bias uniform in +-1/sqrt(in_features) (PyTorch's `nn.Linear` default).
+    """
+    rng = np.random.default_rng(seed)
+    weights: CanonicalWeights = {}
+    for name, shape in weight_shapes(graph, input_shape).items():
+        node_name, kind = name.rsplit(".", 1)
+        node = graph[node_name]
+        if isinstance(node, Conv2d) and kind == "weight":
+            fan_out = shape[0] * shape[2] * shape[3]
+            value = rng.normal(0.0, math.sqrt(2.0 / fan_out), shape)
+        elif isinstance(node, Conv2d):
+            bound = 1.0 / math.sqrt(math.prod(weights[f"{node_name}.weight"].shape[1:]))
+            value = rng.uniform(-bound, bound, shape)
+        elif isinstance(node, BatchNorm):
+            value = np.ones(shape) if kind in ("weight", "running_var") else np.zeros(shape)
+        else:
+            fan_in = weights[f"{node_name}.weight"].shape[1] if kind == "bias" else shape[1]
+            bound = 1.0 / math.sqrt(fan_in)
+            value = rng.uniform(-bound, bound, shape)
+        weights[name] = value.astype(np.float32)
+    return weights
+
+
+def random_weights(graph: Graph, seed: int = 0, input_shape: Shape | None = None) -> CanonicalWeights:
+    """Initial weights with random BatchNorm affine parameters and running statistics.
+
+    `init_weights` leaves BatchNorm at identity, which hides mistakes in how a backend applies
+    it; equivalence tests and `multires compare` use these instead.
+    """
+    weights = init_weights(graph, seed, input_shape)
+    rng = np.random.default_rng(seed + 1)
+    for name, value in weights.items():
+        node_name, kind = name.rsplit(".", 1)
+        if isinstance(graph[node_name], BatchNorm):
+            shape = value.shape
+            value = {
+                "weight": rng.uniform(0.5, 1.5, shape),
+                "bias": rng.normal(0.0, 0.2, shape),
+                "running_mean": rng.normal(0.0, 0.2, shape),
+                "running_var": rng.uniform(0.5, 1.5, shape),
+            }[kind]
+            weights[name] = value.astype(np.float32)
+    return weights
+
+
+def check_weights(graph: Graph, weights: Mapping[str, Any], input_shape: Shape | None = None) -> None:
+    """Raise one WeightsError listing every missing, unexpected, misshapen or mistyped entry."""
+    expected = weight_shapes(graph, input_shape)
+    problems = []
+    for name, shape in expected.items():
+        if name not in weights:
+            problems.append(f"missing {name} {shape}")
+            continue
+        value = weights[name]
+        if not isinstance(value, np.ndarray):
+            problems.append(f"{name}: expected a numpy array, got {type(value).__name__}")
+        elif tuple(value.shape) != shape:
+            problems.append(f"{name}: shape {tuple(value.shape)}, expected {shape}")
+        elif value.dtype != np.float32:
+            problems.append(f"{name}: dtype {value.dtype}, expected float32")
+    problems += [f"unexpected {name}" for name in weights if name not in expected]
+    if problems:
+        raise WeightsError(
+            f"weights do not match graph {graph.name!r} ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def as_weights(source: Mapping[str, Any] | str | os.PathLike, graph: Graph) -> CanonicalWeights:
+    """Checked float32 canonical weights from a mapping or a weight file."""
+    if isinstance(source, (str, os.PathLike)):
+        weights = load_file(source)
+    else:
+        weights = {
+            k: np.asarray(v, dtype=np.float32) if np.asarray(v).dtype.kind == "f" else np.asarray(v)
+            for k, v in source.items()
+        }
+    check_weights(graph, weights)
+    return weights
+
+
+_ST_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2"), "I64": np.dtype("<i8")}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def save(weights: Mapping[str, np.ndarray], path: str | os.PathLike, graph: Graph | None = None) -> Path:
+    """Write weights atomically as `.safetensors` (with the graph's JSON as metadata) or `.npz`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if path.suffix == ".safetensors":
+                _write_safetensors(handle, weights, graph)
+            elif path.suffix == ".npz":
+                np.savez(handle, **{k: np.asarray(v) for k, v in weights.items()})
+            else:
+                raise WeightsError(f"{path}: use a .safetensors or .npz file name.")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_safetensors(handle: Any, weights: Mapping[str, np.ndarray], graph: Graph | None) -> None:
+    header: dict[str, Any] = {}
+    offset = 0
+    arrays = []
+    for name, value in weights.items():
+        array = np.ascontiguousarray(value)
+        dtype = array.dtype.newbyteorder("<")
+        if dtype not in _ST_NAMES:
+            raise WeightsError(f"{name}: dtype {array.dtype} cannot be written to safetensors.")
+        array = array.astype(dtype, copy=False)
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+        arrays.append(array)
+    meta = {"format": "np", "producer": "multires"}
+    if graph is not None:
+        meta["multires.graph"] = graph.to_json(indent=None)
+    header["__metadata__"] = meta
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    handle.write(struct.pack("<Q", len(text)))
+    handle.write(text)
+    for array in arrays:
+        handle.write(array.tobytes())
+
+
+def load_file(path: str | os.PathLike, graph: Graph | None = None) -> CanonicalWeights:
+    """Read a `.safetensors` or `.npz` weight file without pickle; check it against `graph` if given."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weight file.")
+    if path.suffix == ".safetensors":
+        weights = _read_safetensors(path)
+    elif path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                weights = {name: archive[name] for name in archive.files}
+        except (ValueError, OSError, EOFError) as error:
+            raise WeightsError(f"{path}: not a readable .npz weight file ({error}).") from None
+    else:
+        raise WeightsError(f"{path}: use a .safetensors or .npz file.")
+    if graph is not None:
+        check_weights(graph, weights)
+    return weights
+
+
+def file_graph(path: str | os.PathLike) -> Graph | None:
+    """The graph stored in a multires `.safetensors` file's metadata, if any."""
+    meta = _safetensors_header(Path(path))[0].get("__metadata__", {})
+    return Graph.from_json(meta["multires.graph"]) if "multires.graph" in meta else None
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path}: truncated safetensors file (no header length).")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            raise WeightsError(f"{path}: corrupt safetensors file (header of {length} bytes in a {size}-byte file).")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise WeightsError(f"{path}: corrupt safetensors header ({error}).") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object).")
+    return header, 8 + length
+
+
+def _read_safetensors(path: Path) -> CanonicalWeights:
+    header, start = _safetensors_header(path)
+    data = np.fromfile(path, dtype=np.uint8, offset=start)
+    weights: CanonicalWeights = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"{path}: corrupt or unsupported entry {name!r}: {info!r}.") from None
+        if not 0 <= begin <= end <= data.size or end - begin != math.prod(shape) * dtype.itemsize:
+            raise WeightsError(
+                f"{path}: entry {name!r} claims bytes {begin}..{end} for shape {shape} of {dtype}, "
+                f"but the data holds {data.size} bytes: the file is truncated or corrupt."
+            )
+        weights[name] = data[begin:end].view(dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    return weights
+
+
+def export(model: Any) -> CanonicalWeights:
+    """Canonical weights of a native model built by any installed backend."""
+    from multires.backend import backend_of
+
+    return backend_of(model).export_weights(model)
+
+
+def load(model: Any, weights: Mapping[str, Any] | str | os.PathLike) -> Any:
+    """Load canonical weights (a mapping or a file) into a native model; returns the model."""
+    from multires.backend import backend_of
+
+    backend = backend_of(model)
+    if isinstance(weights, (str, os.PathLike)):
+        weights = load_file(weights)
+    return backend.load_weights(model, weights)

@@ -74,6 +74,16 @@ class Runner(Protocol):
     def weights(self) -> dict[str, np.ndarray]:
         """The current canonical weights, running statistics included."""
 
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Replace the model's weights (a full canonical mapping)."""
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """SGD momentum buffers by canonical parameter name (empty before the first step or
+        without momentum), so a checkpoint can resume exactly."""
+
+    def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore buffers saved by `optimizer_state`."""
+
 
 def _registered() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}

@@ -29,3 +29,11 @@ class BackendUnavailableError(MultiresError, ImportError):
 
 class ModelNotFoundError(MultiresError, LookupError):
     """A model name the zoo does not know."""
+
+
+class DataError(MultiresError, ValueError):
+    """A data set file that is missing, truncated, corrupt or not the one expected."""
+
+
+class CheckpointError(MultiresError, ValueError):
+    """A training checkpoint that is corrupt or does not match the run resuming it."""

@@ -302,8 +302,9 @@ def node_from_dict(data: Mapping[str, Any]) -> Node:
 class Graph:
     """A DAG of nodes with named inputs and outputs.
 
-    Nodes are stored in a deterministic topological order (stable with respect to the order
-    given), so two graphs with the same nodes compare equal. Construction checks the structure
+    Nodes are stored in a topological order that depends on the graph alone (see
+    `_topological`), so two graphs with the same nodes compare equal whatever order the nodes
+    were given in. Construction checks the structure
     (names, references, cycles) and the channel arithmetic; `multires.infer_shapes` checks the
     spatial sizes for a given input.
     """
@@ -405,7 +406,13 @@ def _yaml() -> Any:
 
 
 def _topological(nodes: tuple[Node, ...], inputs: tuple[Input, ...], outputs: tuple[str, ...]) -> tuple[Node, ...]:
-    """Check names and references, then order nodes so each follows its inputs (stable)."""
+    """Check names and references, then order nodes so each follows its inputs.
+
+    The order depends on the graph alone, not on the order the nodes were given in: a
+    depth-first walk from the outputs that follows each node's inputs in order (so a residual
+    block lists its main branch, then its shortcut, then the sum), followed by any nodes no
+    output depends on, by name.
+    """
     if not inputs:
         raise SpecError("a graph needs at least one Input.")
     seen: dict[str, str] = {}
@@ -434,19 +441,34 @@ def _topological(nodes: tuple[Node, ...], inputs: tuple[Input, ...], outputs: tu
     for out in outputs:
         if out not in seen:
             raise SpecError(f"output {out!r}: no node or input has that name.")
-    done = {i.name for i in inputs}
-    pending = list(nodes)
+    by_name = {node.name: node for node in nodes}
+    state: dict[str, str] = {}
     ordered: list[Node] = []
-    while pending:
-        index = next((i for i, n in enumerate(pending) if all(s in done for s in n.inputs)), None)
-        if index is None:
-            stuck = pending[0]
-            raise SpecError(
-                f"{_where(stuck)}: part of a cycle through {[n.name for n in pending]}. "
-                "A graph must be acyclic: break the loop."
-            )
-        node = pending.pop(index)
-        ordered.append(node)
-        done.add(node.name)
+    for root in (*outputs, *sorted(by_name)):
+        if root not in by_name or root in state:
+            continue
+        state[root] = "open"
+        stack = [(root, 0)]
+        while stack:
+            name, index = stack[-1]
+            node = by_name[name]
+            if index == len(node.inputs):
+                stack.pop()
+                state[name] = "done"
+                ordered.append(node)
+                continue
+            stack[-1] = (name, index + 1)
+            source = node.inputs[index]
+            if source not in by_name or state.get(source) == "done":
+                continue
+            if state.get(source) == "open":
+                path = [n for n, _ in stack]
+                loop = [*path[path.index(source) :], source]
+                raise SpecError(
+                    f"{_where(by_name[source])}: part of a cycle {' -> '.join(reversed(loop))}. "
+                    "A graph must be acyclic: break the loop."
+                )
+            state[source] = "open"
+            stack.append((source, 0))
     return tuple(ordered)
 

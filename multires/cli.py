@@ -1,0 +1,294 @@
+"""The `multires` command line: `models`, `summary` and `backends`.
+
+Each subcommand is one function registered with `@command` in the `COMMANDS` table, together
+with the function that declares its arguments; `main` builds the parser from that table, so a
+new subcommand is one decorated function. User mistakes (any `MultiresError`) print a one-line
+`error: ...` to stderr and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from multires import backend as registry
+from multires.errors import BackendUnavailableError, MultiresError, SpecError
+from multires.graph import Graph
+from multires.shapes import (
+    LAYOUTS,
+    NodeSummary,
+    Shape,
+    Summary,
+    check_layout,
+    param_count,
+    summarize,
+    to_layout,
+)
+from multires.zoo import models, spec
+
+USAGE_ERROR = 2
+"""Exit status for user mistakes, as argparse uses for bad arguments."""
+
+
+class UsageError(MultiresError, ValueError):
+    """A malformed command-line value (an `--input` or `--option` that does not parse)."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its one-line help, the function adding its arguments, and the function running it."""
+
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+"""Every subcommand by name, in the order `multires --help` lists them."""
+
+
+def command(
+    name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None] | None = None
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register the decorated function as subcommand `name` (registering a name twice is an error)."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        if name in COMMANDS:
+            raise ValueError(f"command {name!r} is already registered")
+        COMMANDS[name] = Command(name, help, arguments or (lambda parser: None), run)
+        return run
+
+    return register
+
+
+def _console() -> Console:
+    """A console for tables: plain text (no markup, so `multires[tf]` prints as written), and
+    unbounded width when the output is not a terminal, so piped tables never wrap or truncate."""
+    console = Console(markup=False, highlight=False)
+    if not console.is_terminal:
+        console = Console(markup=False, highlight=False, width=10_000)
+    return console
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """`"1,3,224,224"` -> `(1, 3, 224, 224)`."""
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise UsageError(f"--input {text!r}: give four positive comma-separated sizes, like 1,3,224,224.")
+    return shape
+
+
+def parse_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """`["num_classes=10", "arch=((2, 64),)"]` -> keyword options; values are Python literals,
+    and a value that is not one (`variant=v1`) stays a string."""
+    options: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--option {item!r}: write it as key=value, like num_classes=10.")
+        try:
+            options[key] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            options[key] = text.strip()
+    return options
+
+
+def _zoo_graph(name: str, options: dict[str, Any]) -> Graph:
+    try:
+        return spec(name, **options)
+    except TypeError as error:
+        raise SpecError(f"model {name!r}: bad options {options}: {error}.") from None
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="zoo model name (see `multires models`)")
+    parser.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a zoo option, value as a Python literal (repeatable), e.g. --option num_classes=10",
+    )
+
+
+def _models_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@command("models", "list the model zoo with parameter counts", _models_arguments)
+def models_command(args: argparse.Namespace) -> int:
+    """A table of zoo models with their parameter count at default options and description."""
+    rows = []
+    for name in models():
+        graph = spec(name)
+        try:
+            params = param_count(graph)
+        except SpecError:
+            (first,) = graph.inputs
+            params = param_count(graph, (1, first.channels, 224, 224))
+        rows.append({"name": name, "params": params, "description": graph.description})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title="multires model zoo (default options)")
+    table.add_column("Model", no_wrap=True)
+    table.add_column("Params", justify="right", no_wrap=True)
+    table.add_column("Description")
+    for row in rows:
+        table.add_row(row["name"], f"{row['params']:,}", row["description"])
+    _console().print(table)
+    return 0
+
+
+def _summary_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_arguments(parser)
+    parser.add_argument(
+        "--input",
+        metavar="SHAPE",
+        help="input shape in the chosen layout, e.g. 1,3,224,224 (default: batch 1, 224 x 224)",
+    )
+    parser.add_argument(
+        "--layout", default="NCHW", help=f"layout of --input and of the shapes shown: {LAYOUTS}"
+    )
+    parser.add_argument(
+        "--depth",
+        type=int,
+        metavar="N",
+        help="group nodes by the first N segments of their names (--depth 1 gives the book's printout)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON (every node) instead of a table")
+
+
+@command("summary", "per-layer output shapes, parameters and MACs of a zoo model", _summary_arguments)
+def summary_command(args: argparse.Namespace) -> int:
+    """The layer summary of a zoo model for one input shape, as a table or JSON."""
+    layout = check_layout(args.layout)
+    if args.depth is not None and args.depth < 1:
+        raise UsageError(f"--depth {args.depth}: give a depth of 1 or more.")
+    graph = _zoo_graph(args.name, parse_options(args.option))
+    if args.input is None:
+        (first,) = graph.inputs
+        shape: Shape = to_layout((1, first.channels, 224, 224), layout)
+    else:
+        shape = parse_shape(args.input)
+    summary = summarize(graph, shape, layout)
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+        return 0
+    _console().print(_summary_table(summary, args.depth))
+    return 0
+
+
+def group_rows(rows: Sequence[NodeSummary], depth: int) -> list[NodeSummary]:
+    """Merge consecutive rows whose names share their first `depth` segments into one row named
+    by that prefix: the last node's output shape, and the sum of parameters and MACs."""
+    groups: list[list[NodeSummary]] = []
+    prefixes: list[str] = []
+    for row in rows:
+        prefix = ".".join(row.name.split(".")[:depth])
+        if prefixes and prefixes[-1] == prefix:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+            prefixes.append(prefix)
+    return [
+        NodeSummary(
+            prefix,
+            group[0].op if len(group) == 1 else f"{len(group)} nodes",
+            group[-1].shape,
+            sum(r.params for r in group),
+            sum(r.macs for r in group),
+        )
+        for prefix, group in zip(prefixes, groups, strict=True)
+    ]
+
+
+def _shape_text(shape: Shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _summary_table(summary: Summary, depth: int | None) -> Table:
+    rows = summary.rows if depth is None else group_rows(summary.rows, depth)
+    table = Table(
+        title=f"{summary.graph}: input {_shape_text(summary.input_shape)} {summary.layout}",
+        show_footer=True,
+    )
+    table.add_column("Layer", footer="Total", no_wrap=True)
+    table.add_column("Type", no_wrap=True)
+    table.add_column(f"Output shape ({summary.layout})", no_wrap=True)
+    table.add_column("Params", footer=f"{summary.params:,}", justify="right", no_wrap=True)
+    table.add_column("MACs", footer=f"{summary.macs:,}", justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(row.name, row.op, _shape_text(row.shape), f"{row.params:,}", f"{row.macs:,}")
+    return table
+
+
+@command("backends", "list registered backends and whether their framework is installed")
+def backends_command(args: argparse.Namespace) -> int:
+    """A table of registered backends: installed, or the pip command that installs the framework."""
+    table = Table(title="multires backends")
+    table.add_column("Backend", no_wrap=True)
+    table.add_column("Framework", no_wrap=True)
+    table.add_column("Status")
+    for name in registry.backends():
+        framework = registry.FRAMEWORKS.get(name, name)
+        try:
+            module = registry.get_backend(name)
+        except BackendUnavailableError:
+            status = f"not installed: pip install 'multires[{name}]'"
+        except ImportError as error:
+            status = f"broken: {error}"
+        else:
+            status = f"installed (layouts {', '.join(module.LAYOUTS)})"
+        table.add_row(name, framework, status)
+    if not table.row_count:
+        table.add_row(
+            "(none)", "", f"no package registers the entry-point group {registry.ENTRY_POINT_GROUP!r}"
+        )
+    _console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, one subparser per entry of `COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="multires",
+        description="Define a residual network once; get the same native model in every framework.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for entry in COMMANDS.values():
+        entry.arguments(sub.add_parser(entry.name, help=entry.help, description=entry.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with `argv` (default `sys.argv[1:]`); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:
+        if exit.code is None:
+            return 0
+        return exit.code if isinstance(exit.code, int) else USAGE_ERROR
+    try:
+        return COMMANDS[args.command].run(args)
+    except MultiresError as error:
+        message = " ".join(str(error).split())
+        print(f"error: {message}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

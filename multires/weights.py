@@ -13,6 +13,8 @@ import math
 import os
 import struct
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -201,16 +203,29 @@ def load_file(path: str | os.PathLike, graph: Graph | None = None) -> CanonicalW
     if path.suffix == ".safetensors":
         weights = _read_safetensors(path)
     elif path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                weights = {name: archive[name] for name in archive.files}
-        except (ValueError, OSError, EOFError) as error:
-            raise WeightsError(f"{path}: not a readable .npz weight file ({error}).") from None
+        weights = _read_npz(path)
     else:
         raise WeightsError(f"{path}: use a .safetensors or .npz file.")
     if graph is not None:
         check_weights(graph, weights)
     return weights
+
+
+def _read_npz(path: Path) -> CanonicalWeights:
+    # zipfile and zlib raise their own errors for a truncated or damaged archive; an object array
+    # raises ValueError, since pickle stays off.
+    unreadable = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except unreadable as error:
+        raise WeightsError(f"{path}: not a readable .npz weight file ({error}).") from None
+    if isinstance(archive, np.ndarray):
+        raise WeightsError(f"{path}: holds a single unnamed .npy array, not an .npz archive of named weights.")
+    with archive:
+        try:
+            return {name: archive[name] for name in archive.files}
+        except unreadable as error:
+            raise WeightsError(f"{path}: not a readable .npz weight file ({error}).") from None
 
 
 def file_graph(path: str | os.PathLike) -> Graph | None:

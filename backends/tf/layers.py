@@ -1,0 +1,173 @@
+"""Keras layers for the spec semantics that stock Keras layers do not have.
+
+Each is registered with `keras.saving.register_keras_serializable(package="multires")`, so a
+saved model loads with plain `keras.models.load_model` once this backend is imported.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+from keras import ops
+
+PACKAGE = "multires"
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _all_dims(padding: Padding, data_format: str) -> tuple[tuple[int, int], ...]:
+    if data_format == "channels_first":
+        return ((0, 0), (0, 0), *padding)
+    return ((0, 0), *padding, (0, 0))
+
+
+def _padding(value: Any) -> Padding:
+    (top, bottom), (left, right) = value
+    return ((int(top), int(bottom)), (int(left), int(right)))
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class BatchNorm(keras.layers.BatchNormalization):
+    """`BatchNormalization` whose running variance takes the unbiased batch variance.
+
+    The spec (like PyTorch) normalises with the biased batch variance but folds the unbiased one,
+    `var * n / (n - 1)`, into `moving_variance`; stock Keras folds the biased one, which drifts
+    the running statistics by a factor (n - 1) / n per update. `momentum` keeps Keras' meaning
+    (weight of the old value, 1 - the spec's momentum). Masks and batch renormalisation are
+    not supported.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        if kwargs.get("renorm") or kwargs.get("synchronized"):
+            raise ValueError("BatchNorm supports neither renorm nor synchronized statistics.")
+        super().__init__(**kwargs)
+
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
+        if mask is not None:
+            raise ValueError(f"{self.name} (BatchNorm): masks are not supported.")
+        if not (training and self.trainable):
+            return super().call(inputs, training=False)
+        inputs = ops.cast(inputs, "float32")
+        mean, variance = ops.moments(inputs, axes=self._reduction_axes)
+        shape = ops.shape(inputs)
+        count = ops.cast(math.prod(shape[axis] for axis in self._reduction_axes), "float32")
+        unbiased = variance * (count / (count - 1.0))
+        keep = self.momentum
+        self.moving_mean.assign(self.moving_mean * keep + mean * (1.0 - keep))
+        self.moving_variance.assign(self.moving_variance * keep + unbiased * (1.0 - keep))
+        outputs = ops.batch_normalization(
+            inputs,
+            mean=mean,
+            variance=variance,
+            axis=self.axis,
+            offset=self.beta if self.center else None,
+            scale=self.gamma if self.scale else None,
+            epsilon=self.epsilon,
+        )
+        return ops.cast(outputs, self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ConstantPadding2D(keras.layers.Layer):
+    """Pad the spatial axes per side with a constant; `-inf` gives max pooling's padding."""
+
+    def __init__(
+        self, padding: Padding, value: float, data_format: str = "channels_last", **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.padding = _padding(padding)
+        self.value = float(value)
+        self.data_format = data_format
+
+    def call(self, inputs: Any) -> Any:
+        return ops.pad(inputs, _all_dims(self.padding, self.data_format), constant_values=self.value)
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        shape = list(input_shape)
+        first = 2 if self.data_format == "channels_first" else 1
+        for axis, (before, after) in zip((first, first + 1), self.padding, strict=True):
+            if shape[axis] is not None:
+                shape[axis] += before + after
+        return tuple(shape)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "padding": self.padding,
+            "value": self.value,
+            "data_format": self.data_format,
+        }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AveragePooling2DExcludePad(keras.layers.Layer):
+    """Average pooling over explicitly zero-padded input whose divisor counts only real inputs.
+
+    PyTorch's `count_include_pad=False`: each window's sum is divided by the number of
+    positions inside the unpadded input, computed by pooling a padded map of ones.
+    """
+
+    def __init__(
+        self,
+        pool_size: tuple[int, int],
+        strides: tuple[int, int],
+        padding: Padding,
+        data_format: str = "channels_last",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.pool_size = tuple(int(k) for k in pool_size)
+        self.strides = tuple(int(s) for s in strides)
+        self.padding = _padding(padding)
+        self.data_format = data_format
+
+    def call(self, inputs: Any) -> Any:
+        pads = _all_dims(self.padding, self.data_format)
+        ones = ops.ones_like(inputs[:, :1] if self.data_format == "channels_first" else inputs[..., :1])
+
+        def pool(x: Any) -> Any:
+            return ops.average_pool(ops.pad(x, pads), self.pool_size, self.strides, "valid", self.data_format)
+
+        return pool(inputs) / pool(ones)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "pool_size": self.pool_size,
+            "strides": self.strides,
+            "padding": self.padding,
+            "data_format": self.data_format,
+        }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Subsample2D(keras.layers.Layer):
+    """Keep every `strides`-th row and column: the stride of a dilated convolution.
+
+    TensorFlow's convolution refuses stride > 1 together with dilation > 1, so such a
+    convolution runs at stride 1 and this layer subsamples its output (the same positions).
+    """
+
+    def __init__(self, strides: tuple[int, int], data_format: str = "channels_last", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.strides = tuple(int(s) for s in strides)
+        self.data_format = data_format
+
+    def call(self, inputs: Any) -> Any:
+        sh, sw = self.strides
+        if self.data_format == "channels_first":
+            return inputs[:, :, ::sh, ::sw]
+        return inputs[:, ::sh, ::sw, :]
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        shape = list(input_shape)
+        first = 2 if self.data_format == "channels_first" else 1
+        for axis, stride in zip((first, first + 1), self.strides, strict=True):
+            if shape[axis] is not None:
+                shape[axis] = -(-shape[axis] // stride)
+        return tuple(shape)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "strides": self.strides, "data_format": self.data_format}

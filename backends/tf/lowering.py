@@ -1,0 +1,224 @@
+"""Lowering of spec nodes to Keras layers: one function per node type, in a table.
+
+Each lowering takes the node, the Keras tensors of its inputs and a `LoweringContext`, and
+returns the node's output tensor; `build` runs them once over the graph in the functional API. The layer holding a node's weights is named exactly as the node, so
+`model.get_layer("layer1.0.conv1")` and `model.summary()` read like the spec; helper layers a
+node needs first (explicit padding, NCHW reordering) are named `<node>.<role>`, which no other
+node can be called (a spec name is never the prefix of another).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+
+from multires.errors import SpecError
+from multires.graph import (
+    Add,
+    AvgPool2d,
+    Conv2d,
+    Dense,
+    Flatten,
+    GlobalAvgPool,
+    Graph,
+    MaxPool2d,
+    Node,
+    Padding,
+    ReLU,
+)
+from multires.graph import BatchNorm as BatchNormNode
+from multires.shapes import check_layout, infer_shapes
+
+from .layers import AveragePooling2DExcludePad, BatchNorm, ConstantPadding2D, Subsample2D
+
+
+@dataclass(frozen=True)
+class LoweringContext:
+    """What a lowering needs beyond its node and inputs.
+
+    `layout` is the model's; `dense_features` gives the input width of Dense nodes fed by a
+    Flatten of an image-size-dependent map (Keras must know it when it creates the kernel).
+    """
+
+    layout: str
+    dense_features: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def data_format(self) -> str:
+        """Keras' name for the layout."""
+        return "channels_first" if self.layout == "NCHW" else "channels_last"
+
+
+Lowering = Callable[[Any, Sequence[Any], LoweringContext], Any]
+"""`(node, input tensors, context) -> output tensor`."""
+
+LOWERINGS: dict[type[Node], Lowering] = {}
+"""Spec node type -> its lowering."""
+
+
+def register(node_type: type[Node]) -> Callable[[Lowering], Lowering]:
+    """Register the lowering of `node_type`; registering a type twice is an error."""
+
+    def decorate(function: Lowering) -> Lowering:
+        if node_type in LOWERINGS:
+            raise ValueError(
+                f"node type {node_type.__name__} already has a TensorFlow lowering "
+                f"({LOWERINGS[node_type].__name__})."
+            )
+        LOWERINGS[node_type] = function
+        return function
+
+    return decorate
+
+
+def _zero_pad(x: Any, node: Node, padding: Padding, ctx: LoweringContext) -> Any:
+    if not any(any(side) for side in padding):
+        return x
+    return keras.layers.ZeroPadding2D(padding, data_format=ctx.data_format, name=f"{node.name}.pad")(x)
+
+
+@register(Conv2d)
+def conv2d(node: Conv2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
+    """Explicit zero padding, then a "valid" `Conv2D` (never "same": it pads stride 2 unevenly)."""
+    x = _zero_pad(inputs[0], node, node.padding, ctx)
+    both = max(node.stride) > 1 and max(node.dilation) > 1
+    x = keras.layers.Conv2D(
+        node.out_channels,
+        node.kernel,
+        strides=(1, 1) if both else node.stride,
+        padding="valid",
+        data_format=ctx.data_format,
+        dilation_rate=node.dilation,
+        groups=node.groups,
+        use_bias=node.bias,
+        name=node.name,
+    )(x)
+    if both:
+        x = Subsample2D(node.stride, data_format=ctx.data_format, name=f"{node.name}.stride")(x)
+    return x
+
+
+@register(BatchNormNode)
+def batchnorm(node: BatchNormNode, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
+    """`BatchNorm` with Keras' momentum convention (1 - the spec's) and the exact epsilon."""
+    return BatchNorm(
+        axis=1 if ctx.layout == "NCHW" else -1,
+        momentum=1.0 - node.momentum,
+        epsilon=node.eps,
+        name=node.name,
+    )(inputs[0])
+
+
+@register(ReLU)
+def relu(node: ReLU, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
+    return keras.layers.ReLU(name=node.name)(inputs[0])
+
+
+@register(Add)
+def add(node: Add, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
+    return keras.layers.Add(name=node.name)(list(inputs))
+
+
+@register(MaxPool2d)
+def maxpool2d(node: MaxPool2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
+    """Padding with -inf (Keras pads with zeros, which wins the max over negative inputs)."""
+    x = inputs[0]
+    if any(any(side) for side in node.padding):
+        x = ConstantPadding2D(
+            node.padding, float("-inf"), data_format=ctx.data_format, name=f"{node.name}.pad"
+        )(x)
+    return keras.layers.MaxPooling2D(
+        node.kernel, node.stride, padding="valid", data_format=ctx.data_format, name=node.name
+    )(x)
+
+
+@register(AvgPool2d)
+def avgpool2d(node: AvgPool2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
+    """Zero padding counted in the divisor, or (count_include_pad=False) a divisor of real inputs."""
+    padded = any(any(side) for side in node.padding)
+    if padded and not node.count_include_pad:
+        return AveragePooling2DExcludePad(
+            node.kernel, node.stride, node.padding, data_format=ctx.data_format, name=node.name
+        )(inputs[0])
+    x = _zero_pad(inputs[0], node, node.padding, ctx)
+    return keras.layers.AveragePooling2D(
+        node.kernel, node.stride, padding="valid", data_format=ctx.data_format, name=node.name
+    )(x)
+
+
+@register(GlobalAvgPool)
+def global_avgpool(node: GlobalAvgPool, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
+    """Mean over the spatial axes, keeping them as 1 x 1."""
+    return keras.layers.GlobalAveragePooling2D(data_format=ctx.data_format, keepdims=True, name=node.name)(
+        inputs[0]
+    )
+
+
+@register(Flatten)
+def flatten(node: Flatten, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
+    """Channel-major order whatever the layout: an NHWC map is permuted to NCHW first.
+
+    A 1 x 1 map needs no permutation (both orders agree), so the usual global-pool head stays
+    a plain `Flatten`.
+    """
+    x = inputs[0]
+    if ctx.layout == "NHWC" and tuple(x.shape[1:3]) != (1, 1):
+        x = keras.layers.Permute((3, 1, 2), name=f"{node.name}.nchw")(x)
+    return keras.layers.Flatten(name=node.name)(x)
+
+
+@register(Dense)
+def dense(node: Dense, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
+    """`Dense`; an input of unknown width (a Flatten of a spatial map) is first given its width."""
+    x = inputs[0]
+    if x.shape[-1] is None:
+        x = keras.layers.Reshape((ctx.dense_features[node.name],), name=f"{node.name}.features")(x)
+    return keras.layers.Dense(node.out_features, use_bias=node.bias, name=node.name)(x)
+
+
+def build(graph: Graph, layout: str = "NHWC", weights: Mapping[str, np.ndarray] | None = None) -> keras.Model:
+    """A Keras functional model computing `graph` on `layout` inputs, with Keras-initialised weights.
+
+    Layers holding weights are named by their node; inputs and 4-D outputs are in `layout`.
+    `weights` (canonical) are only read for the input width of a Dense fed by a Flatten of an
+    image-size-dependent map, which Keras needs now and the spec leaves to the image size; load
+    them with `load_weights`. NCHW runs on GPU or under XLA (`jit_compile=True`): TensorFlow's
+    CPU kernels for convolution and pooling are NHWC only.
+    """
+    layout = check_layout(layout)
+    ctx = LoweringContext(layout, _dense_features(graph, weights))
+    values: dict[str, Any] = {}
+    for spec_input in graph.inputs:
+        shape = (spec_input.channels, None, None) if layout == "NCHW" else (None, None, spec_input.channels)
+        values[spec_input.name] = keras.Input(shape, name=spec_input.name)
+    inputs = [values[i.name] for i in graph.inputs]
+    for node in graph.nodes:
+        values[node.name] = LOWERINGS[type(node)](node, [values[s] for s in node.inputs], ctx)
+    outputs = [values[name] for name in graph.outputs]
+    return keras.Model(
+        inputs[0] if len(inputs) == 1 else inputs,
+        outputs[0] if len(outputs) == 1 else outputs,
+        name=graph.name,
+    )
+
+
+def _dense_features(graph: Graph, weights: Mapping[str, np.ndarray] | None) -> dict[str, int]:
+    """Input widths of the Dense nodes whose width shape inference leaves to the image size."""
+    shapes = infer_shapes(graph)
+    unknown = [n for n in graph.nodes if isinstance(n, Dense) and shapes[n.inputs[0]][1] is None]
+    features = {}
+    for node in unknown:
+        weight = None if weights is None else weights.get(f"{node.name}.weight")
+        if weight is None:
+            raise SpecError(
+                f"{node.name} (Dense): its input width depends on the image size (a Flatten of a "
+                "spatial map), and Keras must know it when the model is built. Pass canonical weights "
+                "to the tf backend's build (multires.get_backend('tf').build(graph, layout, weights)) "
+                "or use multires.make_runner, or pool to 1 x 1 (GlobalAvgPool) before the Flatten."
+            )
+        features[node.name] = int(np.shape(weight)[1])
+    return features

@@ -63,3 +63,8 @@ def spec(name: str, **options: Any) -> Graph:
 
 def _load_zoo() -> None:
     from multires.zoo import d2l, resnet  # noqa: F401  (registers the models)
+
+
+# The public blocks and builder (they import nothing from this module, so importing late is safe).
+from multires.zoo.blocks import *  # noqa: E402, F403
+from multires.zoo.builder import *  # noqa: E402, F403

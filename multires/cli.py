@@ -70,11 +70,14 @@ def command(
     return register
 
 
-def _console() -> Console:
-    """A console for tables: plain text (no markup, so `multires[tf]` prints as written), and
-    unbounded width when the output is not a terminal, so piped tables never wrap or truncate."""
+def _console(wrap: bool = False) -> Console:
+    """A console for tables, in plain text (no markup, so `multires[tf]` prints as written).
+
+    When the output is not a terminal, tables that do not `wrap` get unbounded width, so a piped
+    summary never wraps or truncates a row; wrapping tables take rich's default width.
+    """
     console = Console(markup=False, highlight=False)
-    if not console.is_terminal:
+    if not console.is_terminal and not wrap:
         console = Console(markup=False, highlight=False, width=10_000)
     return console
 
@@ -142,13 +145,13 @@ def models_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = Table(title="multires model zoo (default options)")
+    table = Table(title="multires model zoo", expand=True, show_lines=True)
     table.add_column("Model", no_wrap=True)
-    table.add_column("Params", justify="right", no_wrap=True)
-    table.add_column("Description")
+    table.add_column("Params (defaults)", justify="right", no_wrap=True)
+    table.add_column("Description", ratio=1)
     for row in rows:
         table.add_row(row["name"], f"{row['params']:,}", row["description"])
-    _console().print(table)
+    _console(wrap=True).print(table)
     return 0
 
 
@@ -248,8 +251,8 @@ def backends_command(args: argparse.Namespace) -> int:
             module = registry.get_backend(name)
         except BackendUnavailableError:
             status = f"not installed: pip install 'multires[{name}]'"
-        except ImportError as error:
-            status = f"broken: {error}"
+        except Exception as error:  # a broken plugin must not hide the others
+            status = f"broken: {type(error).__name__}: {error}"
         else:
             status = f"installed (layouts {', '.join(module.LAYOUTS)})"
         table.add_row(name, framework, status)

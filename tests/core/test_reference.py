@@ -148,7 +148,20 @@ def test_conv_matches_naive_loops(case):
         node.dilation,
         node.groups,
     )
-    np.testing.assert_allclose(reference.run(graph, weights, x), expected, rtol=1e-12, atol=1e-12)
+    fwd = reference.forward(graph, weights, x)
+    np.testing.assert_allclose(fwd.outputs["conv"], expected, rtol=1e-12, atol=1e-12)
+    # The convolution is linear in x and in the weight separately, so its backward is exact when
+    # <y - b, g> = <x, dx> = <w, dw> (adjoint identities), for every geometry drawn.
+    gy = rng.normal(size=expected.shape)
+    grads = reference.backward(fwd, gy)
+    bias = weights.get("conv.bias", np.zeros(node.out_channels))
+    linear = float(((expected - bias[:, None, None]) * gy).sum())
+    assert float((x * grads["x"]).sum()) == pytest.approx(linear, rel=1e-10, abs=1e-10)
+    assert float((weights["conv.weight"] * grads["conv.weight"]).sum()) == pytest.approx(
+        linear, rel=1e-10, abs=1e-10
+    )
+    if node.bias:
+        np.testing.assert_allclose(grads["conv.bias"], gy.sum(axis=(0, 2, 3)), rtol=1e-12)
 
 
 @st.composite
@@ -176,12 +189,18 @@ def test_pools_match_naive_loops(case, all_negative):
     avgpool = AvgPool2d(
         "pool", ("x",), kernel=kernel, stride=stride, padding=padding, count_include_pad=count_include_pad
     )
-    got_max = reference.run(graph_of(maxpool, channels=shape[1]), {}, x)
-    got_avg = reference.run(graph_of(avgpool, channels=shape[1]), {}, x)
-    np.testing.assert_allclose(got_max, naive_pool(x, kernel, stride, padding, "max"), rtol=0, atol=0)
-    np.testing.assert_allclose(
-        got_avg, naive_pool(x, kernel, stride, padding, "avg", count_include_pad), rtol=1e-13, atol=1e-13
-    )
+    fwd_max = reference.forward(graph_of(maxpool, channels=shape[1]), {}, x)
+    fwd_avg = reference.forward(graph_of(avgpool, channels=shape[1]), {}, x)
+    expected_avg = naive_pool(x, kernel, stride, padding, "avg", count_include_pad)
+    np.testing.assert_array_equal(fwd_max.outputs["pool"], naive_pool(x, kernel, stride, padding, "max"))
+    np.testing.assert_allclose(fwd_avg.outputs["pool"], expected_avg, rtol=1e-13, atol=1e-13)
+    # Both pools are positively homogeneous of degree 1, so <y, g> = <x, dx> (Euler's identity).
+    gy = np.random.default_rng(seed + 1).normal(size=expected_avg.shape)
+    for fwd in (fwd_max, fwd_avg):
+        dx = reference.backward(fwd, gy)["x"]
+        assert float((x * dx).sum()) == pytest.approx(
+            float((fwd.outputs["pool"] * gy).sum()), rel=1e-10, abs=1e-10
+        )
 
 
 def test_avgpool_divisor_counts_padding_only_when_asked():
@@ -321,6 +340,21 @@ NODE_CASES = {
         ],
         (2, 4, 6, 7),
     ),
+    "conv_dilated_rows": (
+        [
+            Conv2d(
+                "c",
+                ("x",),
+                out_channels=3,
+                kernel=2,
+                stride=(1, 2),
+                padding=((0, 2), (1, 0)),
+                dilation=(2, 1),
+                groups=3,
+            )
+        ],
+        (1, 3, 5, 6),
+    ),
     "conv_1x1": ([Conv2d("c", ("x",), out_channels=2, kernel=1, stride=2)], (2, 3, 5, 5)),
     "batchnorm": ([BatchNorm("bn", ("x",), momentum=0.3)], (3, 2, 3, 2)),
     "relu": ([ReLU("r", ("x",))], (2, 3, 3, 3)),
@@ -387,6 +421,20 @@ def residual_graph() -> Graph:
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_residual_graph_backward_matches_finite_differences(training):
     check_backward(residual_graph(), x_input((2, 3, 7, 6)), training, seed=7)
+
+
+def test_maxpool_gradient_goes_to_the_first_maximum_and_overlaps_accumulate():
+    x = np.array([[[[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]]]])
+    graph = graph_of(MaxPool2d("p", ("x",), kernel=2, stride=1), channels=1)
+    dx = reference.backward(reference.forward(graph, {}, x), np.array([[[[1.0, 2.0], [4.0, 8.0]]]]))["x"]
+    np.testing.assert_array_equal(dx, [[[[1.0, 2.0, 0.0], [0.0, 12.0, 0.0], [0.0, 0.0, 0.0]]]])
+
+
+def test_relu_gradient_is_zero_at_zero():
+    graph = graph_of(ReLU("r", ("x",)), channels=1)
+    x = np.array([[[[-1.0, 0.0, 2.0]]]])
+    dx = reference.backward(reference.forward(graph, {}, x), np.ones((1, 1, 1, 3)))["x"]
+    np.testing.assert_array_equal(dx, [[[[0.0, 0.0, 1.0]]]])
 
 
 def test_backward_accepts_one_array_for_one_output_and_zero_for_unused_branches():

@@ -110,10 +110,13 @@ def parse_options(items: Sequence[str] | None) -> dict[str, Any]:
 
 
 def _zoo_graph(name: str, options: dict[str, Any]) -> Graph:
+    """A zoo graph; option values of the wrong kind become a SpecError rather than a traceback."""
     try:
         return spec(name, **options)
-    except TypeError as error:
-        raise SpecError(f"model {name!r}: bad options {options}: {error}.") from None
+    except MultiresError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise SpecError(f"model {name!r}: bad option value(s) {options}: {error}.") from None
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -70,7 +70,10 @@ def _padding(value: Any, node: Node) -> Padding:
 
 
 def _positive(value: Any, node: Node, what: str) -> int:
-    (number,) = _ints(value, node, what)
+    numbers = _ints(value, node, what)
+    if len(numbers) != 1 or isinstance(value, (tuple, list)):
+        raise SpecError(f"{_where(node)}: {what} must be one positive int; got {value!r}.")
+    (number,) = numbers
     if number < 1:
         raise SpecError(f"{_where(node)}: {what} must be positive; got {number}. Use a value >= 1.")
     return number

@@ -168,6 +168,7 @@ def test_summary_json(capsys) -> None:
         (["summary", "d2l_resnet18", "--option", "num_classes"], "write it as key=value"),
         (["summary", "d2l_resnet18", "--option", "colour=1"], "has no option(s) ['colour']"),
         (["summary", "d2l_resnet18", "--option", "num_classes=0"], "out_features must be positive"),
+        (["summary", "d2l_resnet18", "--option", "num_classes=(10, 2)"], "out_features must be one"),
         (["summary", "d2l_resnet18", "--depth", "0"], "--depth 0"),
     ],
 )

@@ -112,6 +112,8 @@ def test_invalid_input_names(name: str) -> None:
         (lambda: MaxPool2d("p", "x", kernel=0), "p (MaxPool2d)", "kernel"),
         (lambda: AvgPool2d("p", "x", kernel=2, stride=0), "p (AvgPool2d)", "stride"),
         (lambda: Dense("fc", "x", out_features=0), "fc (Dense)", "out_features"),
+        (lambda: Dense("fc", "x", out_features=(10, 2)), "fc (Dense)", "out_features must be one"),
+        (lambda: Conv2d("c", "x", out_channels=[8], groups=2), "c (Conv2d)", "out_channels must be one"),
     ],
 )
 def test_non_positive_or_non_integer_sizes(make, where: str, field: str) -> None:

@@ -35,5 +35,6 @@ class DataError(MultiresError, ValueError):
     """A data set file that is missing, truncated, corrupt or not the one expected."""
 
 
-class CheckpointError(MultiresError, ValueError):
-    """A training checkpoint that is corrupt or does not match the run resuming it."""
+class TrainingError(MultiresError, ValueError):
+    """A training run that cannot start or resume: a bad setting, or a checkpoint that is corrupt
+    or does not match the run resuming it."""

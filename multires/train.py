@@ -1,0 +1,611 @@
+"""Training on Fashion-MNIST in any backend: one loop that drives a `multires.backend.Runner`.
+
+`train("d2l_resnet18", backend="torch", epochs=10, lr=0.05, batch_size=256, resize=96)` is the
+book's experiment (*Dive into Deep Learning*, "Residual Networks"): SGD on mean softmax
+cross-entropy, with per-epoch train loss and accuracy (averaged over the epoch's batches, as
+the book does), test accuracy (eval mode) and examples/s. The data, its order and the initial
+weights are framework-neutral (`multires.data`, `multires.weights.init_weights`), so every
+backend follows the same curve from the same seed.
+
+With `out`, a run writes `history.json`, `history.csv` and `history.png` (the book's plot)
+after each epoch, the trained weights as `weights.safetensors` at the end, and a checkpoint at the end of each epoch and every `checkpoint_every` steps:
+canonical weights and momentum buffers (`.safetensors`) in a fresh folder under
+`checkpoints/`, then `checkpoint.json` (position, partial-epoch sums, history, config) swapped
+in atomically, so a run killed at any instant resumes from the last complete checkpoint.
+Because the batch order is a pure function of `(seed, epoch)`, `resume=True` replays exactly
+the batches the killed run had not yet committed and ends with the same weights as an
+uninterrupted run (on a deterministic backend).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from multires import weights as weights_io
+from multires.backend import SGD, Runner, get_backend, resolve_layout
+from multires.data import Dataset, batch_indices, fashion_mnist, num_batches, resize_images, to_input
+from multires.errors import BackendUnavailableError, ShapeError, SpecError, TrainingError, WeightsError
+from multires.graph import Graph
+from multires.shapes import check_layout, infer_shapes
+
+RunnerFactory = Callable[[Graph, Mapping[str, np.ndarray], str, SGD], Runner]
+"""A callable building a Runner: `(graph, weights, layout, optimizer) -> Runner`, e.g.
+`multires.reference.ReferenceRunner`."""
+
+CHECKPOINT = "checkpoint.json"
+CHECKPOINT_FORMAT = "multires.checkpoint"
+CHECKPOINT_VERSION = 1
+
+RESUME_KEYS = (
+    "graph",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "batch_size",
+    "seed",
+    "resize",
+    "antialias",
+    "limit",
+)
+"""Config entries a resumed run must share with its checkpoint (epochs, backend and layout may
+change: canonical weights and momentum buffers move between backends)."""
+
+
+@dataclass(frozen=True)
+class Epoch:
+    """One epoch's figures: mean train loss and accuracy over its batches, test accuracy, and
+    the training examples and seconds (evaluation and checkpoints excluded)."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_acc: float
+    examples: int
+    seconds: float
+
+    @property
+    def examples_per_sec(self) -> float:
+        """Training throughput of the epoch."""
+        return self.examples / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        """`loss 0.075, train acc 0.972, test acc 0.893, 2432.9 examples/sec` for this epoch."""
+        return _line(self.train_loss, self.train_acc, self.test_acc, self.examples_per_sec)
+
+
+def _line(loss: float, train_acc: float, test_acc: float, examples_per_sec: float) -> str:
+    return f"loss {loss:.3f}, train acc {train_acc:.3f}, test acc {test_acc:.3f}, {examples_per_sec:.1f} examples/sec"
+
+
+@dataclass
+class History:
+    """The configuration of a run and its epochs so far; after `train`, `runner` holds the trained
+    model (`history.runner.weights()` are its canonical weights), as Keras's `History.model` does."""
+
+    config: dict[str, Any]
+    epochs: list[Epoch] = field(default_factory=list)
+    runner: Runner | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def examples_per_sec(self) -> float:
+        """Training examples per second over every epoch, as the book reports it."""
+        seconds = sum(e.seconds for e in self.epochs)
+        return sum(e.examples for e in self.epochs) / seconds if seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        """The book's final line: `loss 0.075, train acc 0.972, test acc 0.893, 2432.9 examples/sec`."""
+        if not self.epochs:
+            return "no epoch trained yet"
+        last = self.epochs[-1]
+        return _line(last.train_loss, last.train_acc, last.test_acc, self.examples_per_sec)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: the config and one record per epoch (with examples_per_sec)."""
+        return {
+            "config": self.config,
+            "epochs": [{**asdict(e), "examples_per_sec": e.examples_per_sec} for e in self.epochs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> History:
+        """Rebuild a history from `to_dict` output."""
+        fields = ("epoch", "train_loss", "train_acc", "test_acc", "examples", "seconds")
+        return cls(dict(data["config"]), [Epoch(**{k: e[k] for k in fields}) for e in data["epochs"]])
+
+    def to_csv(self) -> str:
+        """One row per epoch: epoch, train_loss, train_acc, test_acc, examples, seconds, examples_per_sec."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(
+            ["epoch", "train_loss", "train_acc", "test_acc", "examples", "seconds", "examples_per_sec"]
+        )
+        for e in self.epochs:
+            writer.writerow(
+                [e.epoch, e.train_loss, e.train_acc, e.test_acc, e.examples, e.seconds, e.examples_per_sec]
+            )
+        return buffer.getvalue()
+
+    def save(self, folder: str | os.PathLike, plot: bool = True) -> None:
+        """Write `history.json`, `history.csv` and (with `plot`) `history.png` into `folder`, atomically."""
+        folder = Path(folder)
+        _write_atomic(folder / "history.json", json.dumps(self.to_dict(), indent=2).encode())
+        _write_atomic(folder / "history.csv", self.to_csv().encode())
+        if plot:
+            plot_history(self, folder / "history.png")
+
+
+def _matplotlib() -> tuple[Any, Any]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise BackendUnavailableError(
+            "plotting training curves needs matplotlib: pip install 'multires[plot]'."
+        ) from None
+    return Figure, FigureCanvasAgg
+
+
+def plot_history(history: History, path: str | os.PathLike) -> Path:
+    """Plot train loss, train accuracy and test accuracy by epoch as the book does, to a PNG.
+
+    Uses matplotlib's Agg canvas directly, so the caller's pyplot backend is left alone.
+    """
+    figure_cls, canvas_cls = _matplotlib()
+    figure = figure_cls(figsize=(3.5, 2.5), layout="constrained")
+    canvas_cls(figure)
+    axes = figure.add_subplot()
+    x = [e.epoch for e in history.epochs]
+    axes.plot(x, [e.train_loss for e in history.epochs], "-", marker=".", label="train loss")
+    axes.plot(x, [e.train_acc for e in history.epochs], "m--", marker=".", label="train acc")
+    axes.plot(x, [e.test_acc for e in history.epochs], "g-.", marker=".", label="test acc")
+    total = int(history.config.get("epochs") or (x[-1] if x else 1))
+    if total > 1:
+        axes.set_xlim(1, total)
+    axes.set_xlabel("epoch")
+    axes.grid(True)
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=150)
+    return _write_atomic(Path(path), buffer.getvalue())
+
+
+def evaluate(runner: Runner, dataset: Dataset, batch_size: int = 256) -> float:
+    """Accuracy of the runner's eval-mode predictions on `dataset`."""
+    correct = 0
+    for idx in batch_indices(len(dataset), batch_size):
+        logits = runner.forward(to_input(dataset.images[idx], runner.layout), training=False)
+        correct += int((np.argmax(logits, axis=1) == dataset.labels[idx]).sum())
+    return correct / len(dataset) if len(dataset) else float("nan")
+
+
+@dataclass
+class _Position:
+    """Where a run stands: completed epochs, steps done in the current one, and its partial sums."""
+
+    epoch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    examples: int = 0
+    seconds: float = 0.0
+
+    def finish(self, test_acc: float) -> Epoch:
+        """The record of the epoch these sums cover."""
+        return Epoch(
+            epoch=self.epoch + 1,
+            train_loss=self.loss_sum / self.examples,
+            train_acc=self.correct / self.examples,
+            test_acc=test_acc,
+            examples=self.examples,
+            seconds=self.seconds,
+        )
+
+
+def _due(step: int, every: int | None, steps: int) -> bool:
+    """Whether a mid-epoch checkpoint falls after `step` (the epoch's end writes its own)."""
+    return every is not None and step % every == 0 and step < steps
+
+
+def _step(runner: Runner, dataset: Dataset, idx: np.ndarray, position: _Position) -> None:
+    """One optimizer step on the examples `idx`, added to the position's sums (timed, as the book
+    times its loop, from the batch's preparation to the end of the update)."""
+    began = time.perf_counter()
+    labels = dataset.labels[idx].astype(np.int64)
+    loss, logits = runner.train_step(to_input(dataset.images[idx], runner.layout), labels)
+    position.loss_sum += float(loss) * len(idx)
+    position.correct += int((np.argmax(logits, axis=1) == labels).sum())
+    position.examples += len(idx)
+    position.step += 1
+    position.seconds += time.perf_counter() - began
+
+
+def train(
+    model: str | Graph = "d2l_resnet18",
+    backend: str | RunnerFactory = "torch",
+    *,
+    epochs: int = 10,
+    lr: float = 0.05,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    batch_size: int = 256,
+    seed: int = 0,
+    resize: int | tuple[int, int] | None = None,
+    antialias: bool = True,
+    limit: int | None = None,
+    layout: str | None = None,
+    weights: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+    data: tuple[Dataset, Dataset] | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_every: int | None = 100,
+    plot: bool | None = None,
+    progress: bool = True,
+) -> History:
+    """Train `model` (a zoo name or a Graph) on Fashion-MNIST with SGD in `backend`; returns the History.
+
+    `backend` is a registered backend name, "reference" (the float64 NumPy interpreter, slow) or a
+    `RunnerFactory`. The initial weights are `init_weights(graph, seed)` unless `weights` (a
+    canonical mapping or a weight file) is given; `seed` also fixes the batch order. `resize`
+    resizes the images (`multires.data.resize_images`); `limit` keeps the first `limit` examples
+    of both the training and the test set. `data` replaces Fashion-MNIST by a (train, test) pair
+    of `Dataset`s; otherwise the files are found or downloaded as `fashion_mnist(root)` does.
+
+    With `out`, history files and checkpoints are written there (see the module docstring);
+    `checkpoint_every` adds mid-epoch checkpoints every that many steps (None: only at epoch
+    ends). `resume=True` continues the checkpoint in `out` (or starts afresh if there is none);
+    without it an existing checkpoint is an error rather than silently overwritten. `plot`
+    (default: when matplotlib is installed) writes `history.png`. `progress` shows a progress
+    bar per epoch and a line per epoch on stderr.
+    """
+    from multires.zoo import spec
+
+    graph = spec(model) if isinstance(model, str) else model
+    _check_settings(epochs, batch_size, checkpoint_every, lr, momentum, weight_decay)
+    if resume and out is None:
+        raise TrainingError("resume=True needs the run folder `out` that holds the checkpoint.")
+    if plot is None:
+        plot = out is not None and _has_matplotlib()
+    elif plot:
+        _matplotlib()
+    train_set, test_set = _datasets(data, root, resize, antialias, limit, progress)
+    height, width = train_set.images.shape[1:]
+    _check_graph(graph, (1, 1, height, width), len(train_set.classes))
+
+    config = {
+        "model": graph.name,
+        "graph": graph.to_dict(),
+        "backend": backend if isinstance(backend, str) else _qualname(backend),
+        "epochs": epochs,
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "batch_size": batch_size,
+        "seed": seed,
+        "resize": list(resize) if isinstance(resize, tuple) else resize,
+        "antialias": antialias,
+        "limit": limit,
+        "image_size": [int(height), int(width)],
+        "train_examples": len(train_set),
+        "test_examples": len(test_set),
+    }
+    optimizer = SGD(lr=lr, momentum=momentum, weight_decay=weight_decay)
+    runner = _make_runner(
+        backend, graph, _initial_weights(graph, weights, seed, (1, 1, height, width)), layout, optimizer
+    )
+    config["layout"] = runner.layout
+    history = History(config)
+    position = _Position()
+    folder = Path(out) if out is not None else None
+    if folder is not None:
+        position, history = _start(folder, resume, runner, graph, config, progress)
+
+    console = _console(progress)
+    steps = num_batches(len(train_set), batch_size)
+    while position.epoch < epochs:
+        title = f"epoch {position.epoch + 1}/{epochs}"
+        with _progress_bar(console, progress, title, steps, position.step) as show:
+            for idx in batch_indices(len(train_set), batch_size, seed, position.epoch, position.step):
+                _step(runner, train_set, idx, position)
+                show(position)
+                if folder is not None and _due(position.step, checkpoint_every, steps):
+                    _save_checkpoint(folder, runner, graph, position, history)
+        record = position.finish(evaluate(runner, test_set, batch_size))
+        history.epochs.append(record)
+        position = _Position(epoch=record.epoch)
+        console.print(f"{title}: {record.summary()}", highlight=False)
+        if folder is not None:
+            _save_checkpoint(folder, runner, graph, position, history)
+            history.save(folder, plot=plot)
+    if folder is not None:
+        weights_io.save(runner.weights(), folder / "weights.safetensors", graph)
+    history.runner = runner
+    return history
+
+
+def _check_settings(
+    epochs: int,
+    batch_size: int,
+    checkpoint_every: int | None,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> None:
+    counts = {"epochs": epochs, "batch_size": batch_size}
+    if checkpoint_every is not None:
+        counts["checkpoint_every"] = checkpoint_every
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TrainingError(f"{name} must be a positive int; got {value!r}.")
+    for name, value, low in (
+        ("lr", lr, 0.0),
+        ("momentum", momentum, 0.0),
+        ("weight_decay", weight_decay, 0.0),
+    ):
+        if (
+            not isinstance(value, (int, float))
+            or not np.isfinite(value)
+            or value < low
+            or (name == "lr" and value == 0)
+        ):
+            raise TrainingError(
+                f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}; got {value!r}."
+            )
+
+
+def _has_matplotlib() -> bool:
+    try:
+        _matplotlib()
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def _datasets(
+    data: tuple[Dataset, Dataset] | None,
+    root: str | os.PathLike | None,
+    resize: int | tuple[int, int] | None,
+    antialias: bool,
+    limit: int | None,
+    progress: bool,
+) -> tuple[Dataset, Dataset]:
+    if data is None:
+        sets = [fashion_mnist(root, split, progress=progress) for split in ("train", "test")]
+    else:
+        sets = list(data)
+    sets = [s.head(limit) for s in sets]
+    if resize is not None:
+        sets = [Dataset(resize_images(s.images, resize, antialias), s.labels, s.classes) for s in sets]
+    train_set, test_set = sets
+    if train_set.images.shape[1:] != test_set.images.shape[1:]:
+        raise ShapeError(
+            f"train images are {train_set.images.shape[1:]} but test images {test_set.images.shape[1:]}; "
+            "give data of one image size (or pass resize)."
+        )
+    return train_set, test_set
+
+
+def _check_graph(graph: Graph, input_shape: tuple[int, int, int, int], classes: int) -> None:
+    """Raise a typed error unless the graph takes one-channel images and outputs `classes` logits."""
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise SpecError(
+            f"{graph.name}: training needs one input and one output (the logits); it has inputs "
+            f"{[i.name for i in graph.inputs]} and outputs {list(graph.outputs)}."
+        )
+    (entry,) = graph.inputs
+    if entry.channels != 1:
+        raise ShapeError(
+            f"{graph.name}: input {entry.name!r} takes {entry.channels} channels, but Fashion-MNIST images "
+            "have 1. Build the model with in_channels=1 (e.g. spec(name, in_channels=1))."
+        )
+    output = infer_shapes(graph, input_shape)[graph.outputs[0]]
+    if len(output) != 2 or output[1] is None or output[1] < classes:
+        raise SpecError(
+            f"{graph.outputs[0]} ({type(graph[graph.outputs[0]]).__name__}): the output {output} must be "
+            f"(N, {classes}) logits for {classes} classes. Build the model with num_classes={classes}."
+        )
+
+
+def _initial_weights(
+    graph: Graph,
+    weights: Mapping[str, np.ndarray] | str | os.PathLike | None,
+    seed: int,
+    input_shape: tuple[int, int, int, int],
+) -> dict[str, np.ndarray]:
+    """`init_weights(graph, seed)`, or the given mapping or weight file, checked against the graph."""
+    if weights is None:
+        return weights_io.init_weights(graph, seed, input_shape)
+    if isinstance(weights, (str, os.PathLike)):
+        arrays = weights_io.load_file(weights)
+    else:
+        arrays = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+    weights_io.check_weights(graph, arrays, input_shape)
+    return arrays
+
+
+def _make_runner(
+    backend: str | RunnerFactory,
+    graph: Graph,
+    weights: Mapping[str, np.ndarray],
+    layout: str | None,
+    optimizer: SGD,
+) -> Runner:
+    if isinstance(backend, str) and backend.lower() == "reference":
+        from multires.reference import ReferenceRunner
+
+        backend = ReferenceRunner
+    if isinstance(backend, str):
+        module = get_backend(backend)
+        return module.make_runner(graph, weights, resolve_layout(module, layout), optimizer)
+    return backend(graph, weights, check_layout(layout or "NCHW"), optimizer)
+
+
+# Checkpoints.
+
+
+def _write_atomic(path: Path, payload: bytes) -> Path:
+    """Write bytes to `path` through a synced temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _save_checkpoint(
+    folder: Path, runner: Runner, graph: Graph, position: _Position, history: History
+) -> None:
+    """Arrays into a fresh folder, then `checkpoint.json` pointing at it swapped in atomically;
+    older checkpoint folders are removed only after the swap."""
+    root = folder / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"epoch-{position.epoch:04d}-step-{position.step:06d}-"
+    target = Path(tempfile.mkdtemp(dir=root, prefix=name))
+    for file, arrays in (
+        ("weights.safetensors", runner.weights()),
+        ("optimizer.safetensors", runner.optimizer_state()),
+    ):
+        _fsync(weights_io.save(arrays, target / file, graph))
+    pointer = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "dir": target.relative_to(folder).as_posix(),
+        "position": asdict(position),
+        "history": history.to_dict(),
+    }
+    _write_atomic(folder / CHECKPOINT, json.dumps(pointer, indent=1).encode())
+    for old in root.iterdir():
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read_checkpoint(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The checkpoint record in run folder `folder` (None when there is none); raises
+    TrainingError when it is unreadable."""
+    path = Path(folder) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if record["format"] != CHECKPOINT_FORMAT or record["version"] != CHECKPOINT_VERSION:
+            raise ValueError(f"format {record['format']!r} version {record['version']!r}")
+        History.from_dict(record["history"])
+        _Position(**record["position"])
+        str(record["dir"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise TrainingError(
+            f"{path}: not a readable multires checkpoint ({error}). Delete the run folder or choose another out."
+        ) from None
+    return record
+
+
+def _start(
+    folder: Path, resume: bool, runner: Runner, graph: Graph, config: dict[str, Any], progress: bool
+) -> tuple[_Position, History]:
+    """The position and history to start from: a fresh run, or the checkpoint in `folder`."""
+    record = read_checkpoint(folder)
+    if record is None:
+        if resume and progress:
+            _console(progress).print(f"no checkpoint in {folder}: starting a new run", highlight=False)
+        return _Position(), History(config)
+    saved = History.from_dict(record["history"])
+    if not resume:
+        done = len(saved.epochs)
+        raise TrainingError(
+            f"{folder} already holds a run ({done} of {saved.config.get('epochs')} epochs done). Pass "
+            "resume=True (--resume) to continue it, or choose another out folder."
+        )
+    changed = [k for k in RESUME_KEYS if saved.config.get(k) != config.get(k)]
+    if changed:
+        details = ", ".join(
+            f"{k}: {saved.config.get(k)!r} -> {config.get(k)!r}" for k in changed if k != "graph"
+        )
+        if "graph" in changed:
+            details = ", ".join(filter(None, ["a different model graph", details]))
+        raise TrainingError(
+            f"{folder}: cannot resume with a different run configuration ({details}). Use the settings "
+            "of the checkpointed run, or choose another out folder."
+        )
+    arrays = folder / record["dir"]
+    try:
+        runner.set_weights(weights_io.load_file(arrays / "weights.safetensors", graph))
+        runner.set_optimizer_state(weights_io.load_file(arrays / "optimizer.safetensors"))
+    except WeightsError as error:
+        raise TrainingError(f"{arrays}: the checkpoint's arrays are unusable: {error}") from None
+    saved.config = {**saved.config, **{k: config[k] for k in ("epochs", "backend", "layout")}}
+    return _Position(**record["position"]), saved
+
+
+# Console output.
+
+
+def _console(progress: bool) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=not progress)
+
+
+@contextmanager
+def _progress_bar(
+    console: Any, enabled: bool, title: str, total: int, done: int
+) -> Iterator[Callable[[_Position], None]]:
+    """A rich progress bar for one epoch; yields a function updating it from the position."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(
+        *columns, console=console, disable=not enabled or not console.is_terminal, transient=True
+    ) as bar:
+        task = bar.add_task(title, total=total, completed=done, stats="")
+
+        def update(position: _Position) -> None:
+            stats = (
+                f"loss {position.loss_sum / position.examples:.3f} acc {position.correct / position.examples:.3f} "
+                f"{position.examples / position.seconds if position.seconds else 0:.0f} ex/s"
+            )
+            bar.update(task, completed=position.step, stats=stats)
+
+        yield update

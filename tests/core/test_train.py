@@ -1,0 +1,291 @@
+"""The trainer on the NumPy reference (no framework): it takes the reference's SGD steps on the
+seeded batches, writes history, plot and checkpoints, and a run killed with SIGKILL mid-epoch
+resumes to exactly the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import multires as mr
+from multires import reference
+from multires.backend import SGD
+from multires.data import CLASSES, Dataset, batch_indices, to_input
+from multires.errors import BackendUnavailableError, ShapeError, SpecError, TrainingError
+from multires.reference import ReferenceRunner
+from multires.train import History, read_checkpoint, train
+from multires.weights import init_weights, load_file
+
+HERE = Path(__file__).resolve().parent
+
+
+def tiny_graph(channels: int = 1, classes: int = 10) -> mr.Graph:
+    """conv-bn-relu, a residual conv-bn, global pool and a dense head: every trained node type."""
+    return mr.Graph(
+        "tiny",
+        mr.Input("input", channels),
+        (
+            mr.Conv2d("conv", "input", out_channels=4, kernel=3, padding=1),
+            mr.BatchNorm("bn", "conv"),
+            mr.ReLU("relu", "bn"),
+            mr.Conv2d("conv2", "relu", out_channels=4, kernel=3, padding=1, bias=True),
+            mr.BatchNorm("bn2", "conv2"),
+            mr.Add("add", ("bn2", "relu")),
+            mr.ReLU("relu2", "add"),
+            mr.GlobalAvgPool("gap", "relu2"),
+            mr.Flatten("flat", "gap"),
+            mr.Dense("fc", "flat", out_features=classes),
+        ),
+        "fc",
+    )
+
+
+def tiny_data(n: int, seed: int, size: int = 6) -> Dataset:
+    """Images whose brightness grows with the label, so a tiny model can learn them."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = (rng.integers(0, 60, (n, size, size)) + labels[:, None, None] * 20).astype(np.uint8)
+    return Dataset(images, labels, CLASSES)
+
+
+DATA = (tiny_data(60, 0), tiny_data(20, 1))
+
+
+class Float32Runner(ReferenceRunner):
+    """The reference keeping float32 state between steps, as real backends do, so a checkpoint
+    (float32 canonical arrays) holds the whole state and resuming is exact."""
+
+    def train_step(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+        result = super().train_step(x, labels)
+        self.set_weights(self.weights())
+        self.set_optimizer_state(self.optimizer_state())
+        return result
+
+
+class SlowRunner(Float32Runner):
+    """Float32Runner that sleeps after each step, so a test can kill it mid-epoch."""
+
+    def train_step(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+        result = super().train_step(x, labels)
+        time.sleep(0.05)
+        return result
+
+
+RUN = dict(epochs=3, lr=0.1, momentum=0.9, weight_decay=1e-3, batch_size=8, seed=3, progress=False)
+"""The settings of the checkpoint tests: 8 steps per epoch on DATA."""
+
+
+def run_worker(out: str) -> None:
+    """The run the kill test starts in a subprocess (`python -c "import test_train; ..."`)."""
+    train(tiny_graph(), SlowRunner, data=DATA, out=out, checkpoint_every=3, **RUN)
+
+
+def weights_of(history: History) -> dict[str, np.ndarray]:
+    assert history.runner is not None
+    return history.runner.weights()
+
+
+def assert_same_weights(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+# The loop.
+
+
+def test_training_takes_the_reference_sgd_steps_on_the_seeded_batches() -> None:
+    graph = tiny_graph()
+    optimizer = SGD(lr=0.05, momentum=0.9, weight_decay=1e-2)
+    history = train(
+        graph, "reference", epochs=2, lr=0.05, momentum=0.9, weight_decay=1e-2, batch_size=16, seed=7,
+        data=DATA, progress=False,
+    )  # fmt: skip
+    weights, state = init_weights(graph, 7, (1, 1, 6, 6)), {}
+    losses = []
+    for epoch in range(2):
+        for idx in batch_indices(60, 16, seed=7, epoch=epoch):
+            x = to_input(DATA[0].images[idx], "NCHW")
+            loss, weights, state = reference.sgd_step(
+                graph, weights, x, DATA[0].labels[idx], optimizer, state
+            )
+            losses.append((loss, len(idx)))
+    trained = weights_of(history)
+    for name, value in weights.items():
+        np.testing.assert_allclose(trained[name], value.astype(np.float32), rtol=0, atol=0, err_msg=name)
+    first = sum(loss * n for loss, n in losses[:4]) / 60
+    assert history.epochs[0].train_loss == pytest.approx(first, rel=1e-12)
+    assert [e.examples for e in history.epochs] == [60, 60]
+
+
+def test_training_learns_and_reports_like_the_book() -> None:
+    history = train(tiny_graph(), "reference", epochs=4, lr=0.2, batch_size=10, data=DATA, progress=False)
+    first, last = history.epochs[0], history.epochs[-1]
+    assert last.train_loss < first.train_loss
+    assert last.train_acc > 0.3 and 0 <= last.test_acc <= 1
+    assert [e.epoch for e in history.epochs] == [1, 2, 3, 4]
+    assert all(e.seconds > 0 and e.examples_per_sec > 0 for e in history.epochs)
+    line = history.summary()
+    assert line.startswith(
+        f"loss {last.train_loss:.3f}, train acc {last.train_acc:.3f}, test acc {last.test_acc:.3f}, "
+    )
+    assert line.endswith(" examples/sec") and float(line.split(", ")[-1].split()[0]) > 0
+
+
+def test_the_layout_does_not_change_the_run() -> None:
+    kwargs = dict(epochs=1, lr=0.1, momentum=0.9, batch_size=16, data=DATA, progress=False)
+    nchw = train(tiny_graph(), "reference", layout="NCHW", **kwargs)
+    nhwc = train(tiny_graph(), "reference", layout="NHWC", **kwargs)
+    assert nhwc.config["layout"] == "NHWC"
+    assert nhwc.epochs[0].train_loss == pytest.approx(nchw.epochs[0].train_loss, rel=1e-12)
+    for name, value in weights_of(nchw).items():
+        np.testing.assert_allclose(weights_of(nhwc)[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_same_seed_same_run_other_seed_other_run() -> None:
+    kwargs = dict(epochs=1, lr=0.1, batch_size=16, data=DATA, progress=False)
+    a, b = (
+        train(tiny_graph(), "reference", seed=1, **kwargs),
+        train(tiny_graph(), "reference", seed=1, **kwargs),
+    )
+    c = train(tiny_graph(), "reference", seed=2, **kwargs)
+    assert a.epochs[0].train_loss == b.epochs[0].train_loss != c.epochs[0].train_loss
+    assert_same_weights(weights_of(a), weights_of(b))
+
+
+def test_given_weights_limit_and_resize() -> None:
+    graph = tiny_graph()
+    start = mr.random_weights(graph, 5, (1, 1, 6, 6))
+    history = train(
+        graph, Float32Runner, epochs=1, lr=0.1, batch_size=8, limit=24, resize=9, weights=start, data=DATA,
+        progress=False,
+    )  # fmt: skip
+    assert history.config["image_size"] == [9, 9]
+    assert (history.config["train_examples"], history.config["test_examples"]) == (24, 20)
+    assert history.epochs[0].examples == 24
+    assert history.config["backend"].endswith("test_train.Float32Runner")
+
+
+def test_user_mistakes_are_typed_errors(tmp_path: Path) -> None:
+    with pytest.raises(ShapeError, match="takes 3 channels.*in_channels=1"):
+        train(tiny_graph(channels=3), "reference", data=DATA, progress=False)
+    with pytest.raises(SpecError, match=r"fc \(Dense\): the output \(1, 5\).*num_classes=10"):
+        train(tiny_graph(classes=5), "reference", data=DATA, progress=False)
+    for bad in (
+        dict(epochs=0),
+        dict(batch_size=2.5),
+        dict(lr=0.0),
+        dict(momentum=-1.0),
+        dict(lr=float("nan")),
+    ):
+        with pytest.raises(TrainingError, match="must be"):
+            train(tiny_graph(), "reference", data=DATA, progress=False, **bad)
+    with pytest.raises(TrainingError, match="needs the run folder"):
+        train(tiny_graph(), "reference", data=DATA, resume=True, progress=False)
+    with pytest.raises(mr.BackendNotFoundError, match="unknown backend 'torhc'"):
+        train(tiny_graph(), "torhc", data=DATA, progress=False)
+    mismatched = (DATA[0], Dataset(np.zeros((3, 5, 5), np.uint8), np.zeros(3, np.uint8), CLASSES))
+    with pytest.raises(ShapeError, match="test images"):
+        train(tiny_graph(), "reference", data=mismatched, progress=False)
+
+
+# Files, plot, checkpoints.
+
+
+def test_run_folder_holds_history_plot_weights_and_a_checkpoint(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib (pip install 'multires[plot]')")
+    history = train(tiny_graph(), Float32Runner, data=DATA, out=tmp_path, plot=True, **{**RUN, "epochs": 2})
+    saved = json.loads((tmp_path / "history.json").read_text())
+    assert saved == json.loads(json.dumps(history.to_dict()))
+    assert History.from_dict(saved).epochs == history.epochs
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[1]["train_loss"]) == history.epochs[1].train_loss
+    assert (tmp_path / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_same_weights(load_file(tmp_path / "weights.safetensors", tiny_graph()), weights_of(history))
+    record = read_checkpoint(tmp_path)
+    assert record is not None and record["position"]["epoch"] == 2 and record["position"]["step"] == 0
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [Path(record["dir"]).name]
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'multires\[plot\]'"):
+        train(tiny_graph(), "reference", data=DATA, out=tmp_path, plot=True, progress=False)
+    history = train(tiny_graph(), "reference", data=DATA, out=tmp_path, epochs=1, progress=False)
+    assert history.epochs and not (tmp_path / "history.png").exists()
+
+
+def test_an_existing_run_is_not_overwritten_and_resumes_only_with_its_settings(tmp_path: Path) -> None:
+    train(tiny_graph(), Float32Runner, data=DATA, out=tmp_path, **{**RUN, "epochs": 1})
+    with pytest.raises(TrainingError, match=r"already holds a run \(1 of 1 epochs done\).*resume=True"):
+        train(tiny_graph(), Float32Runner, data=DATA, out=tmp_path, **RUN)
+    with pytest.raises(TrainingError, match=r"lr: 0.1 -> 0.2"):
+        train(tiny_graph(), Float32Runner, data=DATA, out=tmp_path, resume=True, **{**RUN, "lr": 0.2})
+    with pytest.raises(TrainingError, match="a different model graph"):
+        train(tiny_graph(classes=11), Float32Runner, data=DATA, out=tmp_path, resume=True, **RUN)
+    (tmp_path / "checkpoint.json").write_text("{not json")
+    with pytest.raises(TrainingError, match="not a readable multires checkpoint"):
+        train(tiny_graph(), Float32Runner, data=DATA, out=tmp_path, resume=True, **RUN)
+
+
+def test_resume_without_a_checkpoint_starts_afresh(tmp_path: Path) -> None:
+    fresh = train(tiny_graph(), Float32Runner, data=DATA, out=tmp_path / "a", resume=True, **RUN)
+    plain = train(tiny_graph(), Float32Runner, data=DATA, **RUN)
+    assert_same_weights(weights_of(fresh), weights_of(plain))
+
+
+def test_resuming_from_every_checkpoint_is_exact(tmp_path: Path) -> None:
+    """Stop after epoch 1 (epoch checkpoint), resume to 3 epochs; then resume from a mid-epoch
+    checkpoint kept aside: both end on the weights and losses of an uninterrupted run."""
+    whole = train(tiny_graph(), Float32Runner, data=DATA, **RUN)
+    part = tmp_path / "part"
+    train(tiny_graph(), Float32Runner, data=DATA, out=part, **{**RUN, "epochs": 1})
+    resumed = train(tiny_graph(), Float32Runner, data=DATA, out=part, resume=True, **RUN)
+    assert_same_weights(weights_of(resumed), weights_of(whole))
+    assert [e.train_loss for e in resumed.epochs] == [e.train_loss for e in whole.epochs]
+    assert [e.test_acc for e in resumed.epochs] == [e.test_acc for e in whole.epochs]
+    assert resumed.config["epochs"] == 3
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_train; test_train.run_worker({str(out)!r})"
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    worker = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and worker.poll() is None:
+            record = read_checkpoint(out)  # never half-written: the pointer is swapped in atomically
+            if record and record["position"]["epoch"] == 1 and record["position"]["step"] >= 3:
+                break
+            time.sleep(0.01)
+        time.sleep(0.12)  # let it take a couple of steps past the checkpoint, which the kill loses
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == -signal.SIGKILL, worker.stderr.read().decode() if worker.stderr else ""
+    killed_at = read_checkpoint(out)
+    assert killed_at is not None and killed_at["position"]["epoch"] == 1, (
+        "the kill was meant to land in epoch 2"
+    )
+    assert 3 <= killed_at["position"]["step"] < 8
+    resumed = train(tiny_graph(), Float32Runner, data=DATA, out=out, resume=True, **RUN)
+    whole = train(tiny_graph(), Float32Runner, data=DATA, **RUN)
+    assert_same_weights(weights_of(resumed), weights_of(whole))
+    assert [e.train_loss for e in resumed.epochs] == [e.train_loss for e in whole.epochs]
+    assert_same_weights(load_file(out / "weights.safetensors"), weights_of(whole))

@@ -267,6 +267,53 @@ def backends_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_arguments(parser)
+    add = parser.add_argument
+    add("--backend", default="torch", help="a backend (see `multires backends`) or 'reference' (NumPy, slow)")
+    add("--epochs", type=int, default=10, help="epochs to train (default 10)")
+    add("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
+    add("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
+    add("--weight-decay", type=float, default=0.0, help="SGD weight decay (default 0)")
+    add("--batch-size", type=int, default=256, help="examples per step (default 256)")
+    add("--resize", type=int, metavar="SIZE", help="resize the 28 x 28 images to SIZE x SIZE (the book: 96)")
+    add("--limit", type=int, metavar="N", help="keep the first N training and test examples")
+    add("--seed", type=int, default=0, help="seed of the initial weights and the batch order (default 0)")
+    add("--layout", help="NCHW or NHWC (default: the backend's own)")
+    add("--data", metavar="DIR", help="folder of the Fashion-MNIST files (default: see multires.data)")
+    add("--out", metavar="DIR", help="run folder: history, plot, checkpoints (default runs/NAME-BACKEND)")
+    add("--resume", action="store_true", help="continue the run checkpointed in --out")
+    add("--checkpoint-every", type=int, default=100, metavar="STEPS", help="checkpoint period (100)")
+    add("--no-plot", action="store_true", help="do not write history.png")
+
+
+@command("train", "train a zoo model on Fashion-MNIST and print the book's final line", _train_arguments)
+def train_command(args: argparse.Namespace) -> int:
+    """Train with SGD, showing a progress bar per epoch; print `loss ..., examples/sec` at the end."""
+    from multires.train import train
+
+    history = train(
+        _zoo_graph(args.name, parse_options(args.option)),
+        args.backend,
+        epochs=args.epochs,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        resize=args.resize,
+        limit=args.limit,
+        layout=args.layout,
+        root=args.data,
+        out=args.out or f"runs/{args.name}-{args.backend}",
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
+        plot=False if args.no_plot else None,
+    )
+    print(history.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subparser per entry of `COMMANDS`."""
     parser = argparse.ArgumentParser(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -289,3 +290,57 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path: P
     assert_same_weights(weights_of(resumed), weights_of(whole))
     assert [e.train_loss for e in resumed.epochs] == [e.train_loss for e in whole.epochs]
     assert_same_weights(load_file(out / "weights.safetensors"), weights_of(whole))
+
+
+# The command line.
+
+
+def write_fashion_mnist(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Generated IDX files under the official names, with the loader's checksums made theirs."""
+    import gzip
+    import hashlib
+    import struct
+
+    from multires import data
+
+    folder.mkdir(parents=True)
+    sums = {}
+    for split, dataset in zip(("train", "test"), DATA, strict=True):
+        for name, array in zip(data.FILES[split], (dataset.images, dataset.labels), strict=True):
+            payload = (
+                bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+            )
+            (folder / f"{name}.gz").write_bytes(gzip.compress(payload))
+            sums[name] = hashlib.sha256(payload).hexdigest()
+    monkeypatch.setattr(data, "SHA256", sums)
+
+
+def test_cli_train_prints_the_book_line_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from multires.cli import main
+
+    write_fashion_mnist(tmp_path / "fashion", monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "train", "d2l_resnet", "--option", "arch=((1, 64),)", "--backend", "reference", "--epochs", "1",
+        "--lr", "0.05", "--batch-size", "16", "--limit", "32", "--resize", "8", "--data", "fashion", "--no-plot",
+    ]  # fmt: skip
+    assert main(args) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"loss \d+\.\d{3}, train acc \d\.\d{3}, test acc \d\.\d{3}, \d+\.\d examples/sec", line
+    )
+    run = tmp_path / "runs" / "d2l_resnet-reference"
+    history = json.loads((run / "history.json").read_text())
+    assert history["config"]["image_size"] == [8, 8] and history["config"]["train_examples"] == 32
+    assert f"loss {history['epochs'][0]['train_loss']:.3f}," in line
+    assert not (run / "history.png").exists()
+
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main([*args, "--resume", "--epochs", "2"]) == 0
+    assert capsys.readouterr().err.startswith("epoch 2/2: loss "), "the resumed run trains epoch 2 only"
+    assert len(json.loads((run / "history.json").read_text())["epochs"]) == 2
+    assert main([*args[:-1], "--out", "other", "--lr", "-1"]) == 2
+    assert capsys.readouterr().err.startswith("error: lr must be a finite number > 0")

@@ -1,0 +1,307 @@
+"""Lowering a spec Graph to an `onnx.ModelProto`: one small function per node type.
+
+`build` walks the graph once and emits one ONNX node per spec node, named by the spec node
+(so `layer1.0.conv1` is the name of a `Conv` node) and writing a tensor of the same name; the
+weights are initializers under their canonical names (`layer1.0.conv1.weight`). The model
+carries the spec's JSON and the layout in its metadata, so it can be mapped back to the spec.
+
+How spec semantics map onto ONNX (opset `OPSET`):
+
+- Padding is explicit per side: ONNX `pads` are `[top, left, bottom, right]`.
+- MaxPool: ONNX pads never take part in the max (onnxruntime and the ONNX reference both skip
+  them), which is the spec's "-inf padding". AveragePool's `count_include_pad` is the spec's.
+- BatchNormalization in inference mode (`training_mode=0`, the default) with the spec's
+  epsilon; ONNX's momentum is the weight of the old running statistic, so it is
+  `1 - momentum` of the spec (kept for tools that train the exported graph).
+- Dense is `Gemm` with `transB=1`, the weight staying canonical `(out, in)`; Flatten is ONNX
+  `Flatten(axis=1)` of an NCHW map, which is the spec's channel-major order.
+- `layout="NHWC"`: a `Transpose` to NCHW after each input and back after each 4-D output; the
+  weights are unchanged.
+- The batch dimension (and the image size) are symbolic, so one file serves every batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import multires
+from multires.errors import SpecError, WeightsError
+from multires.graph import (
+    Add,
+    AvgPool2d,
+    BatchNorm,
+    Conv2d,
+    Dense,
+    Flatten,
+    GlobalAvgPool,
+    Graph,
+    MaxPool2d,
+    Node,
+    ReLU,
+)
+from multires.shapes import Shape, check_layout, infer_shapes
+from multires.weights import as_weights, init_weights, weight_shapes
+
+OPSET = 17
+"""The ONNX operator set: 17 is the oldest with every operator used here in its current form, and
+what most runtimes (onnxruntime, DJL, TensorRT, OpenVINO) accept."""
+
+IR_VERSION = 8
+"""The ONNX IR version that goes with opset 17, so runtimes of that era load the file."""
+
+LAYOUTS = ("NCHW", "NHWC")
+
+GRAPH_KEY = "multires.graph"
+LAYOUT_KEY = "multires.layout"
+"""Metadata keys of the spec JSON and the input layout."""
+
+
+class LoweringContext:
+    """What a lowering function needs: the canonical weights, the ONNX nodes and initializers
+    emitted so far, and the tensor name of every spec value."""
+
+    def __init__(self, graph: Graph, weights: Mapping[str, np.ndarray]) -> None:
+        self.spec = graph
+        self.weights = weights
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.values: dict[str, str] = {}
+
+    def emit(self, op_type: str, node: Node, inputs: list[str], output: str, **attributes: object) -> str:
+        """Append an ONNX node named after `node` that writes the tensor `output`; returns `output`."""
+        self.nodes.append(helper.make_node(op_type, inputs, [output], name=node.name, **attributes))
+        return output
+
+    def weight(self, node: Node, kind: str) -> str:
+        """Add the canonical weight `<node>.<kind>` as a float32 initializer; returns its name."""
+        name = f"{node.name}.{kind}"
+        if name not in self.weights:
+            raise WeightsError(f"{node.name} ({type(node).__name__}): no weight {name!r} was given.")
+        array = np.ascontiguousarray(self.weights[name], dtype=np.float32)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+
+Lowering = Callable[[LoweringContext, Node, list[str], str], str]
+LOWERINGS: dict[type[Node], Lowering] = {}
+"""Spec node type -> the function that emits it: `(ctx, node, input tensors, output tensor)`."""
+
+
+def lowers(node_type: type[Node]) -> Callable[[Lowering], Lowering]:
+    """Register the lowering of `node_type`; registering a type twice is an error."""
+
+    def register(function: Lowering) -> Lowering:
+        if node_type in LOWERINGS:
+            raise ValueError(
+                f"{node_type.__name__} already has an onnx lowering ({LOWERINGS[node_type].__name__})."
+            )
+        LOWERINGS[node_type] = function
+        return function
+
+    return register
+
+
+def _pads(node: Conv2d | MaxPool2d | AvgPool2d) -> list[int]:
+    """The spec's `((top, bottom), (left, right))` as ONNX `[top, left, bottom, right]`."""
+    (top, bottom), (left, right) = node.padding
+    return [top, left, bottom, right]
+
+
+@lowers(Conv2d)
+def _conv2d(ctx: LoweringContext, node: Conv2d, inputs: list[str], output: str) -> str:
+    operands = [inputs[0], ctx.weight(node, "weight")]
+    if node.bias:
+        operands.append(ctx.weight(node, "bias"))
+    return ctx.emit(
+        "Conv",
+        node,
+        operands,
+        output,
+        kernel_shape=list(node.kernel),
+        strides=list(node.stride),
+        pads=_pads(node),
+        dilations=list(node.dilation),
+        group=node.groups,
+    )
+
+
+@lowers(BatchNorm)
+def _batchnorm(ctx: LoweringContext, node: BatchNorm, inputs: list[str], output: str) -> str:
+    operands = [
+        inputs[0],
+        *(ctx.weight(node, kind) for kind in ("weight", "bias", "running_mean", "running_var")),
+    ]
+    return ctx.emit(
+        "BatchNormalization", node, operands, output, epsilon=node.eps, momentum=1.0 - node.momentum
+    )
+
+
+@lowers(ReLU)
+def _relu(ctx: LoweringContext, node: ReLU, inputs: list[str], output: str) -> str:
+    return ctx.emit("Relu", node, inputs, output)
+
+
+@lowers(Add)
+def _add(ctx: LoweringContext, node: Add, inputs: list[str], output: str) -> str:
+    return ctx.emit("Add" if len(inputs) == 2 else "Sum", node, inputs, output)
+
+
+@lowers(MaxPool2d)
+def _maxpool2d(ctx: LoweringContext, node: MaxPool2d, inputs: list[str], output: str) -> str:
+    return ctx.emit(
+        "MaxPool",
+        node,
+        inputs,
+        output,
+        kernel_shape=list(node.kernel),
+        strides=list(node.stride),
+        pads=_pads(node),
+    )
+
+
+@lowers(AvgPool2d)
+def _avgpool2d(ctx: LoweringContext, node: AvgPool2d, inputs: list[str], output: str) -> str:
+    return ctx.emit(
+        "AveragePool",
+        node,
+        inputs,
+        output,
+        kernel_shape=list(node.kernel),
+        strides=list(node.stride),
+        pads=_pads(node),
+        count_include_pad=int(node.count_include_pad),
+    )
+
+
+@lowers(GlobalAvgPool)
+def _global_avgpool(ctx: LoweringContext, node: GlobalAvgPool, inputs: list[str], output: str) -> str:
+    return ctx.emit("GlobalAveragePool", node, inputs, output)
+
+
+@lowers(Flatten)
+def _flatten(ctx: LoweringContext, node: Flatten, inputs: list[str], output: str) -> str:
+    return ctx.emit("Flatten", node, inputs, output, axis=1)
+
+
+@lowers(Dense)
+def _dense(ctx: LoweringContext, node: Dense, inputs: list[str], output: str) -> str:
+    operands = [inputs[0], ctx.weight(node, "weight")]
+    if node.bias:
+        operands.append(ctx.weight(node, "bias"))
+    return ctx.emit("Gemm", node, operands, output, transB=1)
+
+
+def _value_info(name: str, shape: Shape, layout: str, image: tuple[str, str] | None) -> onnx.ValueInfoProto:
+    """A float32 graph input or output in `layout`: the batch is the symbol `N`, sizes the spec
+    fixes are numbers, and unknown spatial sizes are the symbols `image` (graph inputs) or
+    anonymous (outputs, whose size differs from the input's)."""
+    _, *rest = shape
+    dims: list[int | str | None] = ["N"]
+    if len(shape) == 4:
+        c, h, w = rest
+        spatial = [h, w] if image is None else [h or image[0], w or image[1]]
+        dims += [c, *spatial] if layout == "NCHW" else [*spatial, c]
+    else:
+        dims += rest
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+
+def _check_dense_widths(graph: Graph, weights: Mapping[str, np.ndarray] | None) -> None:
+    """Raise a SpecError for a Dense whose input width only the image size decides, with no weights."""
+    if weights is not None:
+        return
+    shapes = infer_shapes(graph)
+    for node in graph.nodes:
+        if isinstance(node, Dense) and shapes[node.inputs[0]][1] is None:
+            raise SpecError(
+                f"{node.name} (Dense): its input width depends on the image size (a Flatten of a spatial "
+                "map), and an ONNX initializer needs a fixed shape. Pass canonical weights "
+                "(multires.build(..., backend='onnx', weights=w) or the onnx backend's "
+                "build(graph, layout, weights)), or pool to 1 x 1 (GlobalAvgPool) before the Flatten."
+            )
+
+
+def _float32(graph: Graph, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Canonical `weights` as float32, checked against the graph where its weight shapes do not
+    depend on the image size (otherwise a missing weight is reported when it is needed)."""
+    try:
+        weight_shapes(graph)
+    except WeightsError:
+        return {name: np.asarray(value, dtype=np.float32) for name, value in weights.items()}
+    return as_weights(weights, graph)
+
+
+def build(
+    graph: Graph, layout: str = "NCHW", weights: Mapping[str, np.ndarray] | None = None
+) -> onnx.ModelProto:
+    """An `onnx.ModelProto` computing `graph` on `layout` inputs, with `weights` as initializers.
+
+    Without `weights` the initializers are `multires.init_weights(graph, seed=0)` (ONNX has no
+    initialisers of its own). The model passes `onnx.checker.check_model(..., full_check=True)`
+    and runs in onnxruntime; its inputs and outputs are named as in the spec.
+    """
+    layout = check_layout(layout)
+    _check_dense_widths(graph, weights)
+    weights = init_weights(graph, seed=0) if weights is None else _float32(graph, weights)
+    ctx = LoweringContext(graph, weights)
+    nhwc = layout == "NHWC"
+    shapes = infer_shapes(graph)
+    for spec_input in graph.inputs:
+        name = spec_input.name
+        if nhwc:
+            # '/' never occurs in spec names, so these helper tensors cannot clash with them.
+            ctx.nodes.append(
+                helper.make_node(
+                    "Transpose", [name], [f"{name}/NCHW"], name=f"{name}/to_NCHW", perm=[0, 3, 1, 2]
+                )
+            )
+            name = f"{name}/NCHW"
+        ctx.values[spec_input.name] = name
+    transposed = {name for name in graph.outputs if nhwc and len(shapes[name]) == 4}
+    for node in graph.nodes:
+        output = f"{node.name}/NCHW" if node.name in transposed else node.name
+        ctx.values[node.name] = LOWERINGS[type(node)](ctx, node, [ctx.values[s] for s in node.inputs], output)
+    for name in graph.outputs:
+        if name in transposed:
+            ctx.nodes.append(
+                helper.make_node(
+                    "Transpose", [ctx.values[name]], [name], name=f"{name}/to_NHWC", perm=[0, 2, 3, 1]
+                )
+            )
+    onnx_graph = helper.make_graph(
+        ctx.nodes,
+        graph.name,
+        [_value_info(i.name, shapes[i.name], layout, ("H", "W")) for i in graph.inputs],
+        [_value_info(name, shapes[name], layout, None) for name in graph.outputs],
+        initializer=ctx.initializers,
+    )
+    model = helper.make_model(
+        onnx_graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        ir_version=IR_VERSION,
+        producer_name="multires",
+        producer_version=multires.__version__,
+        doc_string=graph.description,
+    )
+    helper.set_model_props(model, {GRAPH_KEY: graph.to_json(indent=None), LAYOUT_KEY: layout})
+    return model
+
+
+def model_graph(model: onnx.ModelProto) -> Graph | None:
+    """The spec stored in a model built by `build`, or None for a model from elsewhere."""
+    for prop in model.metadata_props:
+        if prop.key == GRAPH_KEY:
+            return Graph.from_json(prop.value)
+    return None
+
+
+def model_layout(model: onnx.ModelProto) -> str:
+    """The input layout of a model built by `build` ("NCHW" for a model from elsewhere)."""
+    for prop in model.metadata_props:
+        if prop.key == LAYOUT_KEY:
+            return prop.value
+    return "NCHW"

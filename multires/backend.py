@@ -151,8 +151,10 @@ def resolve_layout(backend: ModuleType, layout: str | None) -> str:
 
 
 def backend_of(model: Any) -> ModuleType:
-    """The backend that owns a native model, judged by the framework its class comes from."""
-    root = type(model).__module__.split(".")[0]
+    """The backend that owns a native model, judged by the framework its class comes from (the
+    first base class outside multires, for models whose class a backend defines)."""
+    roots = [cls.__module__.split(".")[0] for cls in type(model).__mro__]
+    root = next((r for r in roots if r != "multires"), roots[0])
     first = ALIASES.get(root, root)
     for key in sorted(backends(), key=lambda k: k != first):
         try:

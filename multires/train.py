@@ -274,7 +274,10 @@ def train(
     from multires.zoo import spec
 
     graph = spec(model) if isinstance(model, str) else model
-    _check_settings(epochs, batch_size, checkpoint_every, lr, momentum, weight_decay)
+    _check_settings(
+        {"epochs": epochs, "batch_size": batch_size, "checkpoint_every": checkpoint_every},
+        {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
+    )
     if resume and out is None:
         raise TrainingError("resume=True needs the run folder `out` that holds the checkpoint.")
     if plot is None:
@@ -336,34 +339,17 @@ def train(
     return history
 
 
-def _check_settings(
-    epochs: int,
-    batch_size: int,
-    checkpoint_every: int | None,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-) -> None:
-    counts = {"epochs": epochs, "batch_size": batch_size}
-    if checkpoint_every is not None:
-        counts["checkpoint_every"] = checkpoint_every
+def _check_settings(counts: Mapping[str, Any], rates: Mapping[str, Any]) -> None:
+    """Raise TrainingError unless every count (None: unused) is a positive int and every rate a
+    finite number >= 0 (the learning rate > 0)."""
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise TrainingError(f"{name} must be a positive int; got {value!r}.")
-    for name, value, low in (
-        ("lr", lr, 0.0),
-        ("momentum", momentum, 0.0),
-        ("weight_decay", weight_decay, 0.0),
-    ):
-        if (
-            not isinstance(value, (int, float))
-            or not np.isfinite(value)
-            or value < low
-            or (name == "lr" and value == 0)
-        ):
-            raise TrainingError(
-                f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}; got {value!r}."
-            )
+    for name, value in rates.items():
+        bound = "> 0" if name == "lr" else ">= 0"
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+        if not number or value < 0 or (name == "lr" and value == 0):
+            raise TrainingError(f"{name} must be a finite number {bound}; got {value!r}.")
 
 
 def _has_matplotlib() -> bool:
@@ -394,6 +380,10 @@ def _datasets(
     if resize is not None:
         sets = [Dataset(resize_images(s.images, resize, antialias), s.labels, s.classes) for s in sets]
     train_set, test_set = sets
+    if not len(train_set) or not len(test_set):
+        raise TrainingError(
+            f"no examples to train or test on ({len(train_set)} train, {len(test_set)} test)."
+        )
     if train_set.images.shape[1:] != test_set.images.shape[1:]:
         raise ShapeError(
             f"train images are {train_set.images.shape[1:]} but test images {test_set.images.shape[1:]}; "

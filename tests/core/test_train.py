@@ -195,6 +195,9 @@ def test_user_mistakes_are_typed_errors(tmp_path: Path) -> None:
         train(tiny_graph(), "reference", data=DATA, resume=True, progress=False)
     with pytest.raises(mr.BackendNotFoundError, match="unknown backend 'torhc'"):
         train(tiny_graph(), "torhc", data=DATA, progress=False)
+    empty = Dataset(np.zeros((0, 6, 6), np.uint8), np.zeros(0, np.uint8), CLASSES)
+    with pytest.raises(TrainingError, match=r"no examples to train or test on \(0 train, 20 test\)"):
+        train(tiny_graph(), "reference", data=(empty, DATA[1]), progress=False)
     mismatched = (DATA[0], Dataset(np.zeros((3, 5, 5), np.uint8), np.zeros(3, np.uint8), CLASSES))
     with pytest.raises(ShapeError, match="test images"):
         train(tiny_graph(), "reference", data=mismatched, progress=False)

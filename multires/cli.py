@@ -314,6 +314,83 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_arguments(parser)
+    add = parser.add_argument
+    add("--input", metavar="SHAPE", help="NCHW input shape, e.g. 1,3,224,224 (default: batch 1, 224 x 224)")
+    add("--backends", metavar="LIST", help="comma-separated backends, e.g. torch,tf (default: all)")
+    add("--seed", type=int, default=0, help="seed of the random weights and input (default 0)")
+    add("--repeats", type=int, default=5, help="forward passes timed per backend; the median is shown (5)")
+    add("--json", action="store_true", help="print JSON instead of a table")
+
+
+@command("compare", "run a zoo model in every installed backend against the reference", _compare_arguments)
+def compare_command(args: argparse.Namespace) -> int:
+    """The comparison table; exits 1 if an installed backend fails or disagrees with the reference."""
+    from multires.compare import OK, compare
+
+    if args.repeats < 1:
+        raise UsageError(f"--repeats {args.repeats}: give 1 or more.")
+    graph = _zoo_graph(args.name, parse_options(args.option))
+    (first,) = graph.inputs
+    shape = (1, first.channels, 224, 224) if args.input is None else parse_shape(args.input)
+    names = None if args.backends is None else [b.strip() for b in args.backends.split(",") if b.strip()]
+    result = compare(graph, shape, names, seed=args.seed, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0 if result.ok else 1
+    table = Table(
+        title=f"{result.model}: input {_shape_text(result.input_shape)} NCHW, random weights (seed {result.seed})",
+        caption=f"max rel. diff = max|y - y_ref| / max|y_ref| against the NumPy float64 reference; agrees if "
+        f"<= {result.tolerance:.0e}. Latency: median of {result.repeats} eval forward passes, NumPy in and out.",
+    )
+    for column in ("Backend", "Framework", "Layout", "Output shape"):
+        table.add_column(column, no_wrap=True)
+    for column in ("Params", "Max rel. diff", "Latency (ms)"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("Status")
+    for row in result.rows:
+        status = {OK: "agrees"}.get(row.status, row.status) + (f": {row.note}" if row.note else "")
+        table.add_row(
+            row.backend,
+            row.framework,
+            row.layout or "",
+            "" if row.output_shape is None else _shape_text(row.output_shape),
+            "" if row.params is None else f"{row.params:,}",
+            "" if row.max_rel_diff is None else f"{row.max_rel_diff:.1e}",
+            "" if row.latency_ms is None else f"{row.latency_ms:,.1f}",
+            status,
+        )
+    _console().print(table)
+    return 0 if result.ok else 1
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_arguments(parser)
+    add = parser.add_argument
+    add("--format", default="onnx", choices=("onnx",), help="file format (default onnx)")
+    add("--weights", metavar="FILE", help="canonical weights (.safetensors or .npz); default: init_weights")
+    add("--seed", type=int, default=0, help="seed of init_weights when no --weights are given (default 0)")
+    add("--layout", help="input layout of the exported model: NCHW or NHWC (default: the format's own)")
+    add("-o", "--output", required=True, metavar="FILE", help="the file to write, e.g. model.onnx")
+
+
+@command("export", "write a zoo model with its weights as a file for other runtimes", _export_arguments)
+def export_command(args: argparse.Namespace) -> int:
+    """Build the model in the format's backend with the given (or initial) weights and save it."""
+    from multires.weights import init_weights, is_buffer, load_file
+
+    graph = _zoo_graph(args.name, parse_options(args.option))
+    weights = init_weights(graph, args.seed) if args.weights is None else load_file(args.weights, graph)
+    module = registry.get_backend(args.format)
+    layout = registry.resolve_layout(module, args.layout)
+    path = module.save(registry.build(graph, args.format, layout, weights), args.output)
+    source = args.weights or f"init_weights(seed={args.seed})"
+    params = sum(value.size for name, value in weights.items() if not is_buffer(name))
+    print(f"wrote {path}: {graph.name}, {layout} input, {params:,} parameters, weights {source}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subparser per entry of `COMMANDS`."""
     parser = argparse.ArgumentParser(

@@ -289,3 +289,83 @@ def load(model: Any, weights: Mapping[str, Any] | str | os.PathLike) -> Any:
     if isinstance(weights, (str, os.PathLike)):
         weights = load_file(weights)
     return backend.load_weights(model, weights)
+
+
+_FLAX_STATS = {"running_mean": "mean", "running_var": "var"}
+"""BatchNorm statistics: canonical kind -> leaf in Flax's `batch_stats` collection."""
+
+
+def to_variables(weights: Mapping[str, Any], graph: Graph | None = None) -> dict[str, dict[str, Any]]:
+    """Canonical weights as Flax linen variables `{'params': ..., 'batch_stats': ...}` of NumPy arrays.
+
+    The trees nest by the dot-separated node name (`layer1.0.conv1.weight` becomes
+    `params['layer1']['0']['conv1']['kernel']`) with flax.linen's leaf names: convolution `kernel`
+    HWIO and `bias`, dense `kernel` `(in, out)` and `bias`, BatchNorm `scale` and `bias` in params,
+    `mean` and `var` in batch_stats. The kind and rank of each entry decide its leaf, so the mapping
+    is one-to-one without the graph; given a graph, the weights are checked against it first.
+    Needs no framework: `jax.tree.map(jnp.asarray, ...)` makes device arrays of the result.
+    """
+    if graph is not None:
+        check_weights(graph, weights)
+    variables: dict[str, dict[str, Any]] = {}
+    for name, value in weights.items():
+        node, _, kind = name.rpartition(".")
+        array = np.asarray(value, dtype=np.float32)
+        collection, leaf = "params", kind
+        if kind == "weight" and array.ndim == 4:
+            leaf, array = "kernel", array.transpose(2, 3, 1, 0)
+        elif kind == "weight" and array.ndim == 2:
+            leaf, array = "kernel", array.T
+        elif kind == "weight" and array.ndim == 1:
+            leaf = "scale"
+        elif kind in _FLAX_STATS:
+            collection, leaf = "batch_stats", _FLAX_STATS[kind]
+        if not node or kind not in ("weight", "bias", *BUFFER_KINDS) or leaf == "weight":
+            raise WeightsError(
+                f"{name}: not a canonical weight name with a Flax equivalent; expected '<node>.weight' "
+                f"(1-, 2- or 4-D) or '<node>.bias|running_mean|running_var', got shape {array.shape}."
+            )
+        tree = variables.setdefault(collection, {})
+        for segment in node.split("."):
+            tree = tree.setdefault(segment, {})
+        tree[leaf] = np.ascontiguousarray(array)
+    return variables
+
+
+def from_variables(variables: Mapping[str, Any], graph: Graph | None = None) -> CanonicalWeights:
+    """Canonical weights from Flax linen variables (the inverse of `to_variables`).
+
+    Reads the `params` and `batch_stats` collections (others, such as `intermediates`, are
+    ignored); leaves may be NumPy or JAX arrays. Given a graph, the result is checked against it.
+    """
+    stats_kinds = {leaf: kind for kind, leaf in _FLAX_STATS.items()}
+    weights: CanonicalWeights = {}
+    for collection in ("params", "batch_stats"):
+        for path, value in _flat_tree(variables.get(collection, {}), ()):
+            array = np.asarray(value, dtype=np.float32)
+            node, leaf = ".".join(path[:-1]), path[-1]
+            kind = None
+            if collection == "params" and leaf == "kernel" and array.ndim == 4:
+                kind, array = "weight", array.transpose(3, 2, 0, 1)
+            elif collection == "params" and leaf == "kernel" and array.ndim == 2:
+                kind, array = "weight", array.T
+            elif collection == "params" and leaf in ("scale", "bias"):
+                kind = "weight" if leaf == "scale" else "bias"
+            elif collection == "batch_stats" and leaf in stats_kinds:
+                kind = stats_kinds[leaf]
+            if kind is None or not node:
+                raise WeightsError(
+                    f"{collection}/{'/'.join(path)}: no canonical weight corresponds to this Flax "
+                    f"variable of shape {array.shape}; expected <node>/kernel|scale|bias in params and "
+                    "<node>/mean|var in batch_stats."
+                )
+            weights[f"{node}.{kind}"] = np.ascontiguousarray(array)
+    if graph is not None:
+        check_weights(graph, weights)
+    return weights
+
+
+def _flat_tree(tree: Any, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], Any]]:
+    if isinstance(tree, Mapping):
+        return [item for key, sub in tree.items() for item in _flat_tree(sub, (*path, str(key)))]
+    return [(path, tree)]

@@ -1,0 +1,304 @@
+"""Lowering a spec Graph to a `flax.linen` Module: one small function per node type, in a table.
+
+Each lowering turns a node into a `Layer`, a function `(inputs, train) -> output` called inside
+the enclosing module's compact method, so the Flax modules it creates are named after the node.
+Canonical names nest: the node `layer1.0.conv1` is the module `conv1` inside the namespace
+modules `layer1` and `0`, so its kernel is `params['layer1']['0']['conv1']['kernel']` and
+`multires.weights.to_variables` / `from_variables` map the two one-to-one.
+
+Computation is NHWC with explicit per-side padding; what the spec pins is matched exactly
+(max-pool pads are -inf, BatchNorm's running variance takes the unbiased batch variance, Flatten
+reads channel-major). Convolutions and matmuls run at `precision` ("highest" by default: full
+float32 on accelerators that would otherwise round to TF32/bfloat16; CPU is float32 anyway).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from itertools import groupby
+from typing import Any, TypeVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from multires.errors import ShapeError, SpecError
+from multires.graph import (
+    Add,
+    AvgPool2d,
+    BatchNorm,
+    Conv2d,
+    Dense,
+    Flatten,
+    GlobalAvgPool,
+    Graph,
+    MaxPool2d,
+    Node,
+    ReLU,
+)
+from multires.shapes import check_input_shape, check_layout, infer_shapes
+
+Layer = Callable[[Sequence[jax.Array], bool], jax.Array]
+"""A lowered node: `(inputs, train) -> output`, called inside the parent module's compact method."""
+
+Lowering = Callable[[Any, str, Any], Layer]
+"""`(node, module_name, precision) -> Layer`."""
+
+LOWERINGS: dict[type[Node], Lowering] = {}
+"""The table: spec node type -> its Flax lowering."""
+
+N = TypeVar("N", bound=Lowering)
+
+
+def register(node_type: type[Node]) -> Callable[[N], N]:
+    """Register the Flax lowering of `node_type`; registering a type twice is an error."""
+
+    def decorate(lowering: N) -> N:
+        if node_type in LOWERINGS:
+            raise ValueError(f"a Flax lowering for {node_type.__name__} is already registered")
+        LOWERINGS[node_type] = lowering
+        return lowering
+
+    return decorate
+
+
+def _uniform(bound: float) -> Callable[..., jax.Array]:
+    """U(-bound, bound), PyTorch's default for biases and dense kernels."""
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+_KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+"""torchvision's ResNet convolution init, as `multires.init_weights` uses."""
+
+
+@register(Conv2d)
+def conv2d(node: Conv2d, name: str, precision: Any) -> Layer:
+    def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
+        (x,) = inputs
+        fan_in = x.shape[-1] // node.groups * math.prod(node.kernel)
+        conv = nn.Conv(
+            node.out_channels,
+            node.kernel,
+            strides=node.stride,
+            padding=node.padding,
+            kernel_dilation=node.dilation,
+            feature_group_count=node.groups,
+            use_bias=node.bias,
+            precision=precision,
+            kernel_init=_KAIMING_FAN_OUT,
+            bias_init=_uniform(1 / math.sqrt(fan_in)),
+            name=name,
+        )
+        return conv(x)
+
+    return layer
+
+
+class SpecBatchNorm(nn.Module):
+    """BatchNorm over the last axis exactly as the spec (and PyTorch) define it.
+
+    `flax.linen.BatchNorm` feeds the biased batch variance into the running variance; PyTorch and
+    the spec feed the unbiased one (normalisation uses the biased one in both). `momentum` is Flax's
+    convention, the weight of the old running value: `running = momentum * running + (1 - momentum)
+    * batch` (the spec's momentum m becomes 1 - m). Variables are named as flax.linen's: `scale`,
+    `bias` in params, `mean`, `var` in batch_stats. Running statistics update only when
+    `batch_stats` is mutable and the module is not initialising, as with `nn.BatchNorm`.
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        features = (x.shape[-1],)
+        scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x, axes)
+            var = jnp.mean(jnp.square(x - mean), axes)
+            if not self.is_initializing():
+                count = x.size // x.shape[-1]
+                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * (
+                    var * (count / (count - 1))
+                )
+        else:
+            mean, var = running_mean.value, running_var.value
+        return (x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+
+
+@register(BatchNorm)
+def batchnorm(node: BatchNorm, name: str, precision: Any) -> Layer:
+    def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
+        (x,) = inputs
+        if train and x.size // x.shape[-1] < 2:
+            raise ShapeError(
+                f"{node.name} (BatchNorm): training mode needs more than one value per channel; got "
+                f"a batch of shape {x.shape} (NHWC). Use a larger batch or evaluation mode."
+            )
+        return SpecBatchNorm(momentum=1 - node.momentum, epsilon=node.eps, name=name)(x, train)
+
+    return layer
+
+
+@register(ReLU)
+def relu(node: ReLU, name: str, precision: Any) -> Layer:
+    return lambda inputs, train: nn.relu(inputs[0])
+
+
+@register(Add)
+def add(node: Add, name: str, precision: Any) -> Layer:
+    return lambda inputs, train: functools.reduce(jnp.add, inputs)
+
+
+@register(MaxPool2d)
+def maxpool2d(node: MaxPool2d, name: str, precision: Any) -> Layer:
+    return lambda inputs, train: nn.max_pool(inputs[0], node.kernel, node.stride, node.padding)
+
+
+@register(AvgPool2d)
+def avgpool2d(node: AvgPool2d, name: str, precision: Any) -> Layer:
+    def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
+        return nn.avg_pool(
+            inputs[0], node.kernel, node.stride, node.padding, count_include_pad=node.count_include_pad
+        )
+
+    return layer
+
+
+@register(GlobalAvgPool)
+def global_avgpool(node: GlobalAvgPool, name: str, precision: Any) -> Layer:
+    return lambda inputs, train: jnp.mean(inputs[0], axis=(1, 2), keepdims=True)
+
+
+@register(Flatten)
+def flatten(node: Flatten, name: str, precision: Any) -> Layer:
+    """NHWC -> (N, C*H*W) in the spec's channel-major order, so Dense weights need no permuting."""
+
+    def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
+        (x,) = inputs
+        return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+
+    return layer
+
+
+@register(Dense)
+def dense(node: Dense, name: str, precision: Any) -> Layer:
+    def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
+        (x,) = inputs
+        bound = 1 / math.sqrt(x.shape[-1])
+        linear = nn.Dense(
+            node.out_features,
+            use_bias=node.bias,
+            precision=precision,
+            kernel_init=_uniform(bound),
+            bias_init=_uniform(bound),
+            name=name,
+        )
+        return linear(x)
+
+    return layer
+
+
+def _run(
+    graph: Graph, depth: int, env: dict[str, jax.Array], names: Sequence[str], train: bool, precision: Any
+) -> dict[str, jax.Array]:
+    """Evaluate the nodes `names` (in order) inside the current module, whose names share the
+    first `depth` segments; consecutive nodes under a deeper prefix go to a namespace module."""
+    env = dict(env)
+    namespaces: dict[str, Namespace] = {}
+    for segment, run in groupby(names, key=lambda name: name.split(".")[depth]):
+        run = tuple(run)
+        if run[0].count(".") == depth:
+            node = graph[run[0]]
+            lowered = LOWERINGS[type(node)](node, segment, precision)
+            env[node.name] = lowered([env[source] for source in node.inputs], train)
+        else:
+            if segment not in namespaces:
+                namespaces[segment] = Namespace(graph, depth + 1, precision, name=segment)
+            env = namespaces[segment](env, run, train)
+    return env
+
+
+class Namespace(nn.Module):
+    """A level of the canonical name hierarchy (`layer1`, then `0` in `layer1.0.conv1`).
+
+    It holds no variables of its own; it scopes the modules of the nodes below it. The graph is
+    evaluated in its order, so a namespace whose nodes are not consecutive is simply called again.
+    """
+
+    graph: Graph
+    depth: int
+    precision: Any = "highest"
+
+    @nn.compact
+    def __call__(self, env: dict[str, jax.Array], names: Sequence[str], train: bool) -> dict[str, jax.Array]:
+        return _run(self.graph, self.depth, env, names, train, self.precision)
+
+
+class Model(nn.Module):
+    """A spec Graph as a flax.linen Module; submodules are named by the canonical node names.
+
+    Call it as any linen module: `variables = model.init(key, x)`, `model.apply(variables, x)`,
+    and in training `model.apply(variables, x, train=True, mutable=['batch_stats'])`. `layout`
+    is that of inputs and 4-D outputs: "NHWC" (native) or "NCHW" (transposed at the boundary,
+    exactly equivalent). One output is returned as an array, several as a tuple.
+    """
+
+    graph: Graph
+    layout: str = "NHWC"
+    precision: Any = "highest"
+
+    @nn.compact
+    def __call__(self, *inputs: jax.Array, train: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+        env = {}
+        for x, name in zip(inputs, self._check_inputs(inputs), strict=True):
+            x = jnp.asarray(x)
+            env[name] = jnp.transpose(x, (0, 2, 3, 1)) if self.layout == "NCHW" else x
+        names = [node.name for node in self.graph.nodes]
+        env = _run(self.graph, 0, env, names, train, self.precision)
+        outputs = tuple(
+            jnp.transpose(env[o], (0, 3, 1, 2)) if self.layout == "NCHW" and env[o].ndim == 4 else env[o]
+            for o in self.graph.outputs
+        )
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def _check_inputs(self, inputs: Sequence[jax.Array]) -> list[str]:
+        """Input names in order, after checking the shapes (a ShapeError says what was expected)."""
+        graph, layout = self.graph, check_layout(self.layout)
+        names = [spec.name for spec in graph.inputs]
+        if len(inputs) != len(names):
+            raise ShapeError(f"{graph.name}: expects {len(names)} input(s) {names}; got {len(inputs)}.")
+        if len(inputs) == 1:
+            check_input_shape(graph, np.shape(inputs[0]), layout)
+            return names
+        shapes = {}
+        for spec, x in zip(graph.inputs, inputs, strict=True):
+            shape = tuple(np.shape(x))
+            if len(shape) != 4:
+                raise ShapeError(f"{graph.name}: input {spec.name!r} must be 4-D in {layout}; got {shape}.")
+            shapes[spec.name] = (shape[0], shape[3], shape[1], shape[2]) if layout == "NHWC" else shape
+        try:
+            infer_shapes(graph, shapes)
+        except SpecError as error:
+            raise ShapeError(f"{graph.name}: inputs do not fit: {error}") from None
+        return names
+
+
+def build(graph: Graph, layout: str = "NHWC", precision: Any = "highest") -> Model:
+    """The linen Module of `graph`, unbound: get variables from `model.init` or `load_weights`.
+
+    `precision` applies to convolutions and dense layers; "highest" keeps float32 exact on
+    accelerators (pass None for the faster TF32/bfloat16 defaults of GPUs and TPUs).
+    """
+    return Model(graph, check_layout(layout), precision)

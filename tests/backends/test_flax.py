@@ -1,0 +1,289 @@
+"""The Flax backend used the Flax way: init/apply, variables, batch_stats, jit, grad, names.
+
+Numerical equivalence on the zoo is the conformance suite's job (`pytest tests/conformance
+--backend flax`); here a small graph exercising every node type, with nested and interleaved
+namespaces, is checked against the NumPy reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+pytest.importorskip("flax")
+pytest.importorskip("optax")
+
+import jax.numpy as jnp  # noqa: E402
+
+import multires  # noqa: E402
+from multires import SGD, reference  # noqa: E402
+from multires.errors import ShapeError, WeightsError  # noqa: E402
+from multires.graph import (  # noqa: E402
+    NODE_TYPES,
+    Add,
+    AvgPool2d,
+    BatchNorm,
+    Conv2d,
+    Dense,
+    Flatten,
+    GlobalAvgPool,
+    Graph,
+    Input,
+    MaxPool2d,
+    ReLU,
+)
+from multires.weights import from_variables, init_weights, random_weights, to_variables  # noqa: E402
+
+flax_backend = multires.get_backend("flax")
+SHAPE = (3, 4, 12, 12)
+"""NCHW input of the small graph."""
+
+
+def small_graph(outputs: tuple[str, ...] = ("head.fc",)) -> Graph:
+    """Every node type; asymmetric and dilated padding; a max pool over negative values; the
+    `body` and `head` namespaces are each entered twice in graph order."""
+    nodes = [
+        Conv2d("stem.conv", "image", out_channels=8, kernel=3, stride=2, padding=((1, 0), (0, 1)), bias=True),
+        BatchNorm("stem.bn", "stem.conv", eps=1e-3, momentum=0.25),
+        MaxPool2d("stem.pool", "stem.bn", kernel=3, stride=2, padding=((1, 1), (0, 1))),
+        Conv2d("body.0.conv", "stem.pool", out_channels=8, kernel=3, padding=2, dilation=2, groups=4),
+        ReLU("body.0.relu", "body.0.conv"),
+        Conv2d("head.proj", "stem.pool", out_channels=8, kernel=1),
+        Add("body.0.add", ("body.0.relu", "head.proj", "stem.pool")),
+        AvgPool2d("body.1.pool", "body.0.add", kernel=3, stride=1, padding=1, count_include_pad=False),
+        AvgPool2d("body.1.pad", "body.1.pool", kernel=2, stride=1, padding=((1, 0), (0, 1))),
+        GlobalAvgPool("gap", "body.0.add"),
+        Flatten("head.flatten", "body.1.pad"),
+        Dense("head.fc", "head.flatten", out_features=5),
+    ]
+    return Graph("small", Input("image", 4), nodes, outputs)
+
+
+@pytest.fixture(scope="module")
+def graph() -> Graph:
+    return small_graph()
+
+
+@pytest.fixture(scope="module")
+def weights(graph: Graph) -> dict[str, np.ndarray]:
+    return random_weights(graph, seed=3, input_shape=SHAPE)
+
+
+@pytest.fixture(scope="module")
+def x() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=SHAPE).astype(np.float32)
+
+
+def nhwc(x: np.ndarray) -> np.ndarray:
+    return x.transpose(0, 2, 3, 1)
+
+
+def assert_close(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], rtol: float = 1e-4) -> None:
+    """Each entry within `rtol` of the largest expected magnitude (gradients of a bias before a
+    BatchNorm are zero up to rounding, so a per-entry relative error is meaningless)."""
+    scale = max(float(np.abs(expected[name]).max()) for name in actual)
+    for name, value in actual.items():
+        assert np.abs(value - expected[name]).max() <= rtol * scale, name
+
+
+def test_every_node_type_has_one_lowering() -> None:
+    assert set(flax_backend.LOWERINGS) == set(NODE_TYPES.values())
+    with pytest.raises(ValueError, match="already registered"):
+        flax_backend.lowering.register(Conv2d)(flax_backend.lowering.conv2d)
+
+
+def test_namespaces_are_entered_more_than_once(graph: Graph) -> None:
+    heads = [node.name.split(".")[0] for node in graph.nodes]
+    runs = [h for i, h in enumerate(heads) if i == 0 or heads[i - 1] != h]
+    assert runs.count("body") == 2 and runs.count("head") == 2
+
+
+def test_init_gives_the_canonical_tree() -> None:
+    graph = multires.spec("resnet18")
+    model = multires.build(graph, backend="flax")
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 64, 64, 3)))
+    expected = to_variables(init_weights(graph))
+    assert jax.tree.structure(shapes) == jax.tree.structure(expected)
+    assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(np.shape, expected)
+    assert shapes["params"]["layer1"]["0"]["conv1"]["kernel"].shape == (3, 3, 64, 64)
+    assert shapes["params"]["layer2"]["0"]["downsample"]["0"]["kernel"].shape == (1, 1, 64, 128)
+    assert shapes["batch_stats"]["layer4"]["1"]["bn2"]["var"].shape == (512,)
+    assert shapes["params"]["fc"]["kernel"].shape == (512, 1000)
+
+
+def test_init_follows_torchvision(graph: Graph, x: np.ndarray) -> None:
+    model = flax_backend.build(graph)
+    variables = jax.jit(model.init)(jax.random.key(0), nhwc(x))
+    kernel = np.asarray(variables["params"]["body"]["0"]["conv"]["kernel"])
+    assert kernel.std() == pytest.approx(np.sqrt(2 / (8 * 9)), rel=0.3)
+    fc = variables["params"]["head"]["fc"]
+    bound = 1 / np.sqrt(fc["kernel"].shape[0])
+    assert 0 < np.abs(fc["bias"]).max() <= bound
+    assert np.all(variables["batch_stats"]["stem"]["bn"]["var"] == 1)
+
+
+def test_variables_round_trip(graph: Graph, weights: dict[str, np.ndarray]) -> None:
+    variables = to_variables(weights)
+    assert set(variables) == {"params", "batch_stats"}
+    assert variables["params"]["stem"]["conv"]["kernel"].shape == (3, 3, 4, 8)
+    assert variables["params"]["body"]["0"]["conv"]["kernel"].shape == (3, 3, 2, 8)
+    assert variables["params"]["head"]["fc"]["kernel"].shape == (8 * 3 * 3, 5)
+    back = from_variables(jax.tree.map(jnp.asarray, variables))
+    assert set(back) == set(weights)
+    for name, value in weights.items():
+        np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("stem.conv.kernel", np.zeros((8,))), ("bias", np.zeros(3)), ("stem.conv.weight", np.zeros((1, 2, 3)))],
+)
+def test_to_variables_rejects_non_canonical_names(name: str, value: np.ndarray) -> None:
+    with pytest.raises(WeightsError, match=name):
+        to_variables({name: value})
+
+
+def test_from_variables_rejects_foreign_leaves() -> None:
+    with pytest.raises(WeightsError, match="params/conv/w"):
+        from_variables({"params": {"conv": {"w": np.zeros(3)}}})
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_eval_and_train_match_reference(weights: dict[str, np.ndarray], x: np.ndarray, layout: str) -> None:
+    graph = small_graph(outputs=("head.fc", "gap"))
+    model = multires.build(graph, backend="flax", layout=layout)
+    variables = flax_backend.load_weights(model, weights)
+    inputs = nhwc(x) if layout == "NHWC" else x
+    for train in (False, True):
+        expected = reference.forward(graph, weights, x, train)
+        if train:
+            (logits, gap), updates = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
+            stats = from_variables(updates)
+            assert set(stats) == set(expected.running)
+            for name, value in expected.running.items():
+                assert reference.relative_error(stats[name], value) < 1e-5, name
+        else:
+            logits, gap = model.apply(variables, inputs)
+        ref_gap = expected.outputs["gap"]
+        assert gap.shape == (ref_gap.shape if layout == "NCHW" else nhwc(ref_gap).shape)
+        assert reference.relative_error(logits, expected.outputs["head.fc"]) < 1e-5
+        assert (
+            reference.relative_error(gap if layout == "NCHW" else gap.transpose(0, 3, 1, 2), ref_gap) < 1e-5
+        )
+
+
+def test_running_variance_takes_the_unbiased_batch_variance() -> None:
+    graph = Graph("bn", Input("x", 2), [BatchNorm("bn", "x", momentum=0.3)], ("bn",))
+    x = np.random.default_rng(1).normal(2.0, 3.0, size=(2, 3, 3, 2)).astype(np.float32)
+    model = flax_backend.build(graph)
+    variables = model.init(jax.random.key(0), x)
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    stats = updates["batch_stats"]["bn"]
+    np.testing.assert_allclose(stats["mean"], 0.3 * x.mean(axis=(0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(stats["var"], 0.7 + 0.3 * x.var(axis=(0, 1, 2), ddof=1), rtol=1e-6)
+    assert np.all(variables["batch_stats"]["bn"]["var"] == 1), "init must not update the statistics"
+
+
+def test_train_without_mutable_batch_stats_fails(
+    graph: Graph, weights: dict[str, np.ndarray], x: np.ndarray
+) -> None:
+    model = flax_backend.build(graph)
+    variables = flax_backend.load_weights(model, weights)
+    with pytest.raises(Exception, match="batch_stats"):
+        model.apply(variables, nhwc(x), train=True)
+
+
+def test_jit_matches_eager(graph: Graph, weights: dict[str, np.ndarray], x: np.ndarray) -> None:
+    model = flax_backend.build(graph)
+    variables = flax_backend.load_weights(model, weights)
+    apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
+    np.testing.assert_allclose(
+        apply(variables, nhwc(x)), model.apply(variables, nhwc(x)), rtol=1e-6, atol=1e-6
+    )
+    jitted, updates = apply(variables, nhwc(x), train=True, mutable=("batch_stats",))
+    eager, eager_updates = model.apply(variables, nhwc(x), train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), updates, eager_updates)
+
+
+def test_jax_grad_matches_reference(graph: Graph, weights: dict[str, np.ndarray], x: np.ndarray) -> None:
+    labels = np.array([0, 4, 2])
+    model = flax_backend.build(graph)
+    variables = flax_backend.load_weights(model, weights)
+
+    def loss(params):
+        logits, _ = model.apply({**variables, "params": params}, nhwc(x), train=True, mutable=["batch_stats"])
+        return flax_backend.runner.cross_entropy(logits, labels)
+
+    grads = from_variables({"params": jax.grad(loss)(variables["params"])})
+    _, expected, _ = reference.loss_and_grads(graph, weights, x, labels)
+    assert set(grads) == set(expected) - {"image"}
+    assert_close(grads, expected)
+
+
+def test_runner_sgd_steps_match_reference(
+    graph: Graph, weights: dict[str, np.ndarray], x: np.ndarray
+) -> None:
+    labels = np.array([1, 0, 3])
+    optimizer = SGD(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    runner = flax_backend.make_runner(graph, weights, "NHWC", optimizer)
+    assert runner.optimizer_state() == {}
+    expected, state = weights, {}
+    for _ in range(2):
+        loss, logits = runner.train_step(nhwc(x), labels)
+        ref_loss, expected, state = reference.sgd_step(graph, expected, x, labels, optimizer, state)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert_close(runner.weights(), expected)
+    buffers = runner.optimizer_state()
+    assert set(buffers) == set(state)
+    assert_close(buffers, state)
+
+
+def test_runner_resumes_from_weights_and_optimizer_state(
+    graph: Graph, weights: dict[str, np.ndarray], x: np.ndarray
+) -> None:
+    labels = np.array([2, 2, 4])
+    optimizer = SGD(lr=0.1, momentum=0.5)
+    straight = flax_backend.make_runner(graph, weights, "NCHW", optimizer)
+    first = flax_backend.make_runner(graph, weights, "NCHW", optimizer)
+    for runner in (straight, straight, first):
+        runner.train_step(x, labels)
+    resumed = flax_backend.make_runner(graph, first.weights(), "NCHW", optimizer)
+    resumed.set_optimizer_state(first.optimizer_state())
+    resumed.train_step(x, labels)
+    for name, value in straight.weights().items():
+        np.testing.assert_allclose(resumed.weights()[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    with pytest.raises(WeightsError, match="not a trainable parameter"):
+        resumed.set_optimizer_state({"stem.bn.running_mean": np.zeros(8, np.float32)})
+
+
+def test_shape_errors_are_typed(graph: Graph, weights: dict[str, np.ndarray], x: np.ndarray) -> None:
+    model = flax_backend.build(graph)
+    variables = flax_backend.load_weights(model, weights)
+    with pytest.raises(ShapeError, match="It looks like NCHW"):
+        model.apply(variables, x)
+    runner = flax_backend.make_runner(graph, weights, "NHWC", SGD())
+    with pytest.raises(ShapeError, match="too small"):
+        runner.forward(np.zeros((1, 2, 2, 4), np.float32))
+    with pytest.raises(ShapeError, match=r"lie in \[0, 5\)"):
+        runner.train_step(nhwc(x), np.array([0, 1, 5]))
+    bn = Graph("bn", Input("x", 2), [BatchNorm("bn", "x")], ("bn",))
+    runner = flax_backend.make_runner(bn, init_weights(bn), "NHWC", SGD())
+    with pytest.raises(ShapeError, match=r"bn \(BatchNorm\): training mode needs more than one value"):
+        runner.forward(np.ones((1, 1, 1, 2), np.float32), training=True)
+
+
+def test_load_and_export_weights(weights: dict[str, np.ndarray]) -> None:
+    graph = multires.spec("resnet18", num_classes=7)
+    canonical = random_weights(graph, seed=1)
+    model = multires.build(graph, backend="flax")
+    variables = multires.weights.load(model, canonical)
+    assert set(variables) == {"params", "batch_stats"}
+    exported = multires.weights.export(model.bind(variables))
+    assert all(np.array_equal(exported[name], value) for name, value in canonical.items())
+    assert list(flax_backend.export_weights(variables)) == list(exported)
+    with pytest.raises(WeightsError, match="unbound"):
+        flax_backend.export_weights(model)
+    with pytest.raises(WeightsError, match="missing fc.bias"):
+        flax_backend.load_weights(model, {k: v for k, v in canonical.items() if k != "fc.bias"})

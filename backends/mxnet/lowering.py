@@ -1,0 +1,528 @@
+"""Lowering a spec Graph to a Gluon `HybridBlock`: one small function per node type.
+
+`build` makes one Gluon block per spec node and hangs it at the node's dotted name in a tree of
+`Scope` containers (`model.layer1[0].conv1` is a `Conv2D`); the root `GraphBlock` calls the
+blocks in graph order, so `hybridize()` traces the whole network into one MXNet graph. Each
+parameterised block's prefix is its canonical node name plus a dot, so Gluon's parameter names
+(`collect_params()` and `save_parameters()` alike) read `layer1.0.conv1.weight`,
+`layer1.0.bn1.gamma` (see `weights.GLUON_KINDS`).
+
+How spec semantics map onto MXNet (1.9.1):
+
+- Symmetric padding is the layer's own `padding`; asymmetric per-side padding is an explicit
+  `pad` before the layer: zeros for convolution and average pooling, -inf for max pooling.
+  MXNet's `Pooling` already leaves its own padding out of the max (checked by the tests).
+- Average pooling with asymmetric padding and `count_include_pad=False` divides window sums of
+  the padded input by those of a padded mask of ones (`AsymmetricAvgPool2D`).
+- BatchNorm: MXNet updates running statistics in the *backward* pass and with the *biased*
+  batch variance; the spec (PyTorch) updates them in the forward pass with the unbiased one. So
+  `BatchNorm` runs MXNet's fused op with its own update switched off (`momentum=1` there) and
+  also returns the batch mean and inverse standard deviation; `GraphBlock.forward` applies the
+  spec's update, `running = (1 - m) * running + m * stat` with the variance scaled by
+  n / (n - 1), whenever it runs in training mode (`autograd.record(train_mode=True)` or
+  `autograd.train_mode()`), eager or hybridized. Eval mode normalises with the running
+  statistics, as MXNet's `use_global_stats` does.
+- Flatten is `nn.Flatten` (channel-major in NCHW); GlobalAvgPool keeps (N, C, 1, 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from types import MappingProxyType
+from typing import Any
+
+import mxnet as mx
+from mxnet import autograd, gluon, nd
+from mxnet.gluon import nn
+
+from multires.errors import ShapeError, SpecError
+from multires.graph import (
+    Add,
+    AvgPool2d,
+    BatchNorm,
+    Conv2d,
+    Dense,
+    Flatten,
+    GlobalAvgPool,
+    Graph,
+    MaxPool2d,
+    Node,
+    Padding,
+    ReLU,
+)
+from multires.shapes import Shape, check_input_shape, check_layout, infer_shapes
+
+LAYOUTS = ("NCHW",)
+
+LAYOUT_HINT = (
+    " MXNet's CPU convolution and pooling run channels-first only, so use layout='NCHW' (the "
+    "default) and transpose NHWC input with x.transpose(0, 3, 1, 2); the weights are the same."
+)
+"""Appended by `multires.backend.resolve_layout` to the error for an unsupported layout."""
+
+
+def _pad_width(padding: Padding) -> tuple[int, ...] | None:
+    """MXNet `pad_width` for asymmetric per-side padding; None when the layer can pad itself."""
+    (top, bottom), (left, right) = padding
+    if top == bottom and left == right:
+        return None
+    return (0, 0, 0, 0, top, bottom, left, right)
+
+
+def _layer_padding(padding: Padding) -> tuple[int, int]:
+    """The symmetric `(ph, pw)` the layer applies itself (0 when padded explicitly first)."""
+    return (0, 0) if _pad_width(padding) else (padding[0][0], padding[1][0])
+
+
+class Conv2D(nn.Conv2D):
+    """`nn.Conv2D` that zero-pads explicitly first when the spec's padding is asymmetric."""
+
+    def __init__(self, node: Conv2d, in_channels: int) -> None:
+        super().__init__(
+            node.out_channels,
+            node.kernel,
+            strides=node.stride,
+            padding=_layer_padding(node.padding),
+            dilation=node.dilation,
+            groups=node.groups,
+            use_bias=node.bias,
+            in_channels=in_channels,
+            prefix=f"{node.name}.",
+        )
+        self._pad_width = _pad_width(node.padding)
+        self._spec_padding = node.padding
+
+    def hybrid_forward(self, F: Any, x: Any, weight: Any, bias: Any = None) -> Any:
+        if self._pad_width:
+            x = F.pad(x, mode="constant", pad_width=self._pad_width, constant_value=0.0)
+        return super().hybrid_forward(F, x, weight, bias)
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return f"{text[:-1]}, padding={self._spec_padding})" if self._pad_width else text
+
+
+class BatchNorm2D(nn.BatchNorm):
+    """Batch normalisation over axis 1 returning `(y, batch_mean, batch_inv_std)`.
+
+    `momentum` (shown by `print`) is Gluon's convention, `1 - spec momentum`; `spec_momentum`
+    is the spec's. MXNet's own running-statistics update is disabled (it runs in backward with
+    the biased variance); `GraphBlock` applies the spec's update from the returned statistics.
+    """
+
+    def __init__(self, node: BatchNorm, channels: int) -> None:
+        super().__init__(
+            axis=1,
+            momentum=1.0 - node.momentum,
+            epsilon=node.eps,
+            in_channels=channels,
+            prefix=f"{node.name}.",
+        )
+        self.eps = node.eps
+        self.spec_momentum = node.momentum
+
+    def hybrid_forward(
+        self, F: Any, x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: Any
+    ) -> tuple[Any, Any, Any]:
+        out, mean, inv_std = F.BatchNorm(
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            name="fwd",
+            axis=1,
+            eps=self.eps,
+            momentum=1.0,
+            fix_gamma=False,
+            use_global_stats=False,
+            output_mean_var=True,
+        )
+        return out, mean, inv_std
+
+
+class MaxPool2D(nn.MaxPool2D):
+    """`nn.MaxPool2D` (whose padding never wins the max) that pads with -inf explicitly first when
+    the spec's padding is asymmetric."""
+
+    def __init__(self, node: MaxPool2d) -> None:
+        super().__init__(node.kernel, node.stride, _layer_padding(node.padding), prefix=f"{node.name}.")
+        self._pad_width = _pad_width(node.padding)
+        self._spec_padding = node.padding
+
+    def hybrid_forward(self, F: Any, x: Any) -> Any:
+        if self._pad_width:
+            x = F.pad(x, mode="constant", pad_width=self._pad_width, constant_value=float("-inf"))
+        return super().hybrid_forward(F, x)
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return f"{text[:-1]}, spec_padding={self._spec_padding})" if self._pad_width else text
+
+
+class AvgPool2D(nn.AvgPool2D):
+    """`nn.AvgPool2D` that zero-pads explicitly first when the spec's padding is asymmetric (the
+    padded zeros then count in the divisor: `count_include_pad=True` only)."""
+
+    def __init__(self, node: AvgPool2d) -> None:
+        super().__init__(
+            node.kernel,
+            node.stride,
+            _layer_padding(node.padding),
+            count_include_pad=node.count_include_pad,
+            prefix=f"{node.name}.",
+        )
+        self._pad_width = _pad_width(node.padding)
+        self._spec_padding = node.padding
+
+    def hybrid_forward(self, F: Any, x: Any) -> Any:
+        if self._pad_width:
+            x = F.pad(x, mode="constant", pad_width=self._pad_width, constant_value=0.0)
+        return super().hybrid_forward(F, x)
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return f"{text[:-1]}, spec_padding={self._spec_padding})" if self._pad_width else text
+
+
+class AsymmetricAvgPool2D(gluon.HybridBlock):
+    """Average pooling with per-side padding whose divisor counts only real (unpadded) pixels.
+
+    MXNet's `Pooling` pads symmetrically, and padding explicitly first would make the padded
+    zeros count; this divides the window sums of the padded input by those of a padded mask.
+    """
+
+    def __init__(self, node: AvgPool2d) -> None:
+        super().__init__(prefix=f"{node.name}.")
+        self.kernel = node.kernel
+        self.stride = node.stride
+        self.padding = node.padding
+
+    def hybrid_forward(self, F: Any, x: Any) -> Any:
+        pad_width = (0, 0, 0, 0, *self.padding[0], *self.padding[1])
+        ones = F.ones_like(F.slice_axis(x, axis=1, begin=0, end=1))
+        sums, counts = (
+            F.Pooling(
+                F.pad(v, mode="constant", pad_width=pad_width),
+                kernel=self.kernel,
+                stride=self.stride,
+                pool_type="sum",
+            )
+            for v in (x, ones)
+        )
+        return F.broadcast_div(sums, counts)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.kernel}, stride={self.stride}, padding={self.padding}, "
+            "count_include_pad=False)"
+        )
+
+
+class Sum(gluon.HybridBlock):
+    """The elementwise sum of its inputs (a residual connection)."""
+
+    def __init__(self, node: Add) -> None:
+        super().__init__(prefix=f"{node.name}.")
+
+    def hybrid_forward(self, F: Any, x: Any, *others: Any) -> Any:
+        return F.add_n(x, *others)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class _Container(gluon.HybridBlock):
+    """Children by name (`block["0"]`, `block[0]`) and a `print` that lists every child (Gluon's
+    lists only attribute children, and numbered segments like `0` cannot be attributes)."""
+
+    def __getitem__(self, key: str | int) -> gluon.HybridBlock:
+        return self._children[str(key)]
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def __repr__(self) -> str:
+        lines = [f"  ({key}): " + repr(child).replace("\n", "\n  ") for key, child in self._children.items()]
+        return f"{type(self).__name__}(\n" + "\n".join(lines) + "\n)"
+
+
+class Scope(_Container):
+    """A container for the blocks under one prefix of the canonical names (`layer1`,
+    `layer1.0`); children are reachable as attributes where the segment is an identifier and
+    always by index, `model.layer1[0].conv1` or `model["layer1"]["0"]["conv1"]`."""
+
+    def hybrid_forward(self, F: Any, *args: Any) -> Any:
+        raise TypeError(f"{self.name} only groups blocks; call the model that contains it.")
+
+
+def _attach(root: gluon.HybridBlock, path: str, block: gluon.HybridBlock, scopes: dict[str, Scope]) -> None:
+    """Register `block` at the dotted `path` under `root`, creating `Scope`s on the way."""
+    *parents, leaf = path.split(".")
+    parent = root
+    for depth in range(len(parents)):
+        key = ".".join(parents[: depth + 1])
+        if key not in scopes:
+            scopes[key] = Scope(prefix=f"{key}.")
+            _register(parent, parents[depth], scopes[key])
+        parent = scopes[key]
+    _register(parent, leaf, block)
+
+
+def _register(parent: gluon.HybridBlock, name: str, child: gluon.HybridBlock) -> None:
+    if name.isidentifier() and not hasattr(parent, name):
+        setattr(parent, name, child)
+    else:
+        parent.register_child(child, name)
+
+
+class GraphBlock(_Container):
+    """The network: calls each node's block in graph order; returns the graph's output (a tuple
+    for several outputs).
+
+    In training mode with NDArray inputs, `forward` applies the spec's BatchNorm running-statistics
+    update (PyTorch's: in the forward pass, unbiased variance). Use it like any Gluon block:
+    `hybridize()`, `autograd.record(train_mode=True)`, `export(path)`.
+    """
+
+    def __init__(self, graph: Graph, blocks: dict[str, gluon.HybridBlock]) -> None:
+        super().__init__(prefix=f"{graph.name}_")
+        self.graph = graph
+        scopes: dict[str, Scope] = {}
+        for name, block in blocks.items():
+            _attach(self, name, block, scopes)
+        # A read-only view, not a dict: Gluon warns about dicts holding unregistered blocks.
+        self.blocks = MappingProxyType(dict(blocks))
+        self._batchnorms = tuple(n for n in graph.nodes if isinstance(n, BatchNorm))
+        self._counts: dict[tuple[Any, ...], dict[str, int]] = {}
+
+    def hybrid_forward(self, F: Any, x: Any, *more: Any) -> tuple[Any, ...]:
+        values = dict(zip((i.name for i in self.graph.inputs), (x, *more), strict=True))
+        statistics = []
+        for node in self.graph.nodes:
+            out = self.blocks[node.name](*(values[source] for source in node.inputs))
+            if isinstance(node, BatchNorm):
+                out, mean, inv_std = out
+                statistics += [mean, inv_std]
+            values[node.name] = out
+        return (*(values[name] for name in self.graph.outputs), *statistics)
+
+    def forward(self, x: Any, *more: Any) -> Any:
+        symbolic = isinstance(x, mx.sym.Symbol)
+        training = autograd.is_training() and not symbolic
+        if not symbolic:
+            counts = self._batch_counts(tuple(tuple(v.shape) for v in (x, *more)), training)
+        results = super().forward(x, *more)
+        if not isinstance(results, (list, tuple)):
+            results = (results,)
+        outputs = tuple(results[: len(self.graph.outputs)])
+        if training:
+            self._update_running(results[len(outputs) :], counts)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def _batch_counts(self, shapes: tuple[tuple[int, ...], ...], training: bool) -> dict[str, int]:
+        """Check the input shapes and return N*H*W at each BatchNorm (cached per shape)."""
+        key = (shapes, training)
+        if key not in self._counts:
+            self._counts[key] = _checked_counts(self.graph, shapes, training)
+        return self._counts[key]
+
+    def _update_running(self, statistics: tuple[Any, ...], counts: dict[str, int]) -> None:
+        """Running statistics as the spec defines them, from each BatchNorm's batch mean and
+        inverse standard deviation (var = 1 / inv_std^2 - eps, in float64)."""
+        with autograd.pause():
+            for index, node in enumerate(self._batchnorms):
+                block = self.blocks[node.name]
+                mean, inv_std = statistics[2 * index], statistics[2 * index + 1]
+                n, m = counts[node.name], node.momentum
+                variance = (nd.reciprocal(nd.square(inv_std.astype("float64"))) - node.eps) * (n / (n - 1))
+                running_mean, running_var = block.running_mean.data(), block.running_var.data()
+                running_mean[:] = (1 - m) * running_mean + m * mean
+                running_var[:] = ((1 - m) * running_var.astype("float64") + m * nd.relu(variance)).astype(
+                    running_var.dtype
+                )
+
+    def export(self, path: str | os.PathLike, epoch: int = 0) -> tuple[str, str]:
+        """Write `path-symbol.json` and `path-EPOCH.params` for `gluon.SymbolBlock.imports`
+        (input name `data`, or `data0`, `data1`, ... for several inputs); returns both paths.
+
+        Needs no prior `hybridize()` or forward pass. The exported graph is plain MXNet: its
+        BatchNorm nodes carry Gluon's momentum (1 - spec momentum) and MXNet's own
+        running-statistics update, and return only their normalised output.
+        """
+        path = os.fspath(path)
+        names = (
+            ["data"] if len(self.graph.inputs) == 1 else [f"data{i}" for i in range(len(self.graph.inputs))]
+        )
+        out = self(*(mx.sym.var(name) for name in names))
+        symbol = mx.sym.Group(list(out)) if isinstance(out, tuple) else out
+        symbol = mx.sym.load_json(json.dumps(self._plain_batchnorms(json.loads(symbol.tojson()))))
+        symbol_file, params_file = f"{path}-symbol.json", f"{path}-{epoch:04d}.params"
+        symbol.save(symbol_file)
+        arguments, auxiliary = set(symbol.list_arguments()), set(symbol.list_auxiliary_states())
+        params = {}
+        for name, param in self.collect_params().items():
+            if name in arguments:
+                params[f"arg:{name}"] = param._reduce()
+            elif name in auxiliary:
+                params[f"aux:{name}"] = param._reduce()
+        nd.save(params_file, params)
+        return symbol_file, params_file
+
+    def _plain_batchnorms(self, graph_json: dict[str, Any]) -> dict[str, Any]:
+        """Give the exported BatchNorm nodes Gluon's momentum and a single output."""
+        momentum = {
+            f"{block.prefix}fwd": block._kwargs["momentum"]
+            for block in self.blocks.values()
+            if isinstance(block, BatchNorm2D)
+        }
+        for entry in graph_json["nodes"]:
+            if entry["op"] == "BatchNorm" and entry["name"] in momentum:
+                entry["attrs"]["momentum"] = repr(momentum[entry["name"]])
+                entry["attrs"].pop("output_mean_var", None)
+        return graph_json
+
+
+def _checked_counts(graph: Graph, shapes: tuple[tuple[int, ...], ...], training: bool) -> dict[str, int]:
+    """Check input shapes (ShapeError naming the expected shape) and return N*H*W at each
+    BatchNorm; in training mode each must exceed 1, as the unbiased variance needs."""
+    if len(shapes) != len(graph.inputs):
+        raise ShapeError(
+            f"{graph.name}: takes {len(graph.inputs)} input(s) {[i.name for i in graph.inputs]}; "
+            f"got {len(shapes)}."
+        )
+    if len(graph.inputs) == 1:
+        check_input_shape(graph, shapes[0], "NCHW")
+        inferred = infer_shapes(graph, shapes[0])
+    else:
+        try:
+            inferred = infer_shapes(graph, {i.name: s for i, s in zip(graph.inputs, shapes, strict=True)})
+        except SpecError as error:
+            raise ShapeError(f"{graph.name}: inputs of shapes {list(shapes)} do not fit: {error}") from None
+    counts = {}
+    for node in graph.nodes:
+        if isinstance(node, BatchNorm):
+            n, _, h, w = inferred[node.inputs[0]]
+            counts[node.name] = n * h * w
+            if training and counts[node.name] < 2:
+                raise ShapeError(
+                    f"{node.name} (BatchNorm): training mode needs more than one value per channel to "
+                    f"estimate the batch variance; got N*H*W = {counts[node.name]} for input "
+                    f"{inferred[node.inputs[0]]}. Use a batch of 2 or more, or eval mode."
+                )
+    return counts
+
+
+class LoweringContext:
+    """What a lowering function needs: the spec and its shapes (NCHW; spatial sizes unknown)."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.spec = graph
+        self.shapes: dict[str, Shape] = infer_shapes(graph)
+
+    def channels(self, name: str) -> int | None:
+        """Channels (or features) of the value named `name`; None for a Flatten of unknown size."""
+        return self.shapes[name][1]
+
+
+Lowering = Callable[[LoweringContext, Node], gluon.HybridBlock]
+LOWERINGS: dict[type[Node], Lowering] = {}
+"""Spec node type -> the function that makes its Gluon block."""
+
+
+def lowers(node_type: type[Node]) -> Callable[[Lowering], Lowering]:
+    """Register the lowering of `node_type`; registering a type twice is an error."""
+
+    def register(function: Lowering) -> Lowering:
+        if node_type in LOWERINGS:
+            raise ValueError(
+                f"{node_type.__name__} already has an mxnet lowering ({LOWERINGS[node_type].__name__})."
+            )
+        LOWERINGS[node_type] = function
+        return function
+
+    return register
+
+
+@lowers(Conv2d)
+def _conv2d(ctx: LoweringContext, node: Conv2d) -> gluon.HybridBlock:
+    return Conv2D(node, ctx.channels(node.inputs[0]))
+
+
+@lowers(BatchNorm)
+def _batchnorm(ctx: LoweringContext, node: BatchNorm) -> gluon.HybridBlock:
+    return BatchNorm2D(node, ctx.channels(node.inputs[0]))
+
+
+@lowers(ReLU)
+def _relu(ctx: LoweringContext, node: ReLU) -> gluon.HybridBlock:
+    return nn.Activation("relu", prefix=f"{node.name}.")
+
+
+@lowers(Add)
+def _add(ctx: LoweringContext, node: Add) -> gluon.HybridBlock:
+    return Sum(node)
+
+
+@lowers(MaxPool2d)
+def _maxpool2d(ctx: LoweringContext, node: MaxPool2d) -> gluon.HybridBlock:
+    return MaxPool2D(node)
+
+
+@lowers(AvgPool2d)
+def _avgpool2d(ctx: LoweringContext, node: AvgPool2d) -> gluon.HybridBlock:
+    if not node.count_include_pad and _pad_width(node.padding):
+        return AsymmetricAvgPool2D(node)
+    return AvgPool2D(node)
+
+
+@lowers(GlobalAvgPool)
+def _global_avgpool(ctx: LoweringContext, node: GlobalAvgPool) -> gluon.HybridBlock:
+    return nn.GlobalAvgPool2D(prefix=f"{node.name}.")
+
+
+@lowers(Flatten)
+def _flatten(ctx: LoweringContext, node: Flatten) -> gluon.HybridBlock:
+    return nn.Flatten(prefix=f"{node.name}.")
+
+
+@lowers(Dense)
+def _dense(ctx: LoweringContext, node: Dense) -> gluon.HybridBlock:
+    # A Flatten of a spatial map has an image-size-dependent width (None): Gluon infers it
+    # from the first input or the loaded weights (in_units=0).
+    return nn.Dense(
+        node.out_features,
+        use_bias=node.bias,
+        in_units=ctx.channels(node.inputs[0]) or 0,
+        prefix=f"{node.name}.",
+    )
+
+
+def build(graph: Graph, layout: str = "NCHW", initialize: bool = True) -> GraphBlock:
+    """A Gluon `HybridBlock` computing `graph` on NCHW float32 input, on the CPU.
+
+    With `initialize`, its weights are `multires.init_weights(graph, seed=0)` (torchvision's
+    initialisation, the same in every backend); where a Dense width depends on the image size,
+    Gluon's deferred initialisation fills the parameters on the first call instead.
+    """
+    from .weights import load_weights
+
+    layout = check_layout(layout)
+    if layout not in LAYOUTS:
+        raise ShapeError(f"backend 'mxnet' supports layouts {list(LAYOUTS)}, not {layout!r}.{LAYOUT_HINT}")
+    ctx = LoweringContext(graph)
+    blocks = {node.name: LOWERINGS[type(node)](ctx, node) for node in graph.nodes}
+    model = GraphBlock(graph, blocks)
+    if initialize:
+        from multires.errors import WeightsError
+        from multires.weights import init_weights
+
+        try:
+            weights = init_weights(graph, seed=0)
+        except WeightsError:
+            model.initialize(mx.init.Xavier(magnitude=2.0), ctx=mx.cpu())
+        else:
+            load_weights(model, weights)
+    return model

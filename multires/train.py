@@ -280,6 +280,7 @@ def train(
     )
     if resume and out is None:
         raise TrainingError("resume=True needs the run folder `out` that holds the checkpoint.")
+    make_runner = _runner_factory(backend, layout)
     if plot is None:
         plot = out is not None and _has_matplotlib()
     elif plot:
@@ -306,9 +307,7 @@ def train(
         "test_examples": len(test_set),
     }
     optimizer = SGD(lr=lr, momentum=momentum, weight_decay=weight_decay)
-    runner = _make_runner(
-        backend, graph, _initial_weights(graph, weights, seed, (1, 1, height, width)), layout, optimizer
-    )
+    runner = make_runner(graph, _initial_weights(graph, weights, seed, (1, 1, height, width)), optimizer)
     config["layout"] = runner.layout
     history = History(config)
     position = _Position()
@@ -430,21 +429,26 @@ def _initial_weights(
     return arrays
 
 
-def _make_runner(
-    backend: str | RunnerFactory,
-    graph: Graph,
-    weights: Mapping[str, np.ndarray],
-    layout: str | None,
-    optimizer: SGD,
-) -> Runner:
+def _runner_factory(
+    backend: str | RunnerFactory, layout: str | None
+) -> Callable[[Graph, Mapping[str, np.ndarray], SGD], Runner]:
+    """A function building the backend's Runner in `layout`; checks the backend can train before
+    any data is loaded."""
     if isinstance(backend, str) and backend.lower() == "reference":
         from multires.reference import ReferenceRunner
 
         backend = ReferenceRunner
-    if isinstance(backend, str):
-        module = get_backend(backend)
-        return module.make_runner(graph, weights, resolve_layout(module, layout), optimizer)
-    return backend(graph, weights, check_layout(layout or "NCHW"), optimizer)
+    if not isinstance(backend, str):
+        factory, chosen = backend, check_layout(layout or "NCHW")
+        return lambda graph, weights, optimizer: factory(graph, weights, chosen, optimizer)
+    module = get_backend(backend)
+    if not getattr(module, "TRAINING", True):
+        raise TrainingError(
+            f"backend {module.NAME!r} runs inference only. Train in another backend (multires backends "
+            "lists them) and export the trained weights to it."
+        )
+    resolved = resolve_layout(module, layout)
+    return lambda graph, weights, optimizer: module.make_runner(graph, weights, resolved, optimizer)
 
 
 # Checkpoints.

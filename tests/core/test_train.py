@@ -12,7 +12,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+import types
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +202,46 @@ def test_user_mistakes_are_typed_errors(tmp_path: Path) -> None:
     mismatched = (DATA[0], Dataset(np.zeros((3, 5, 5), np.uint8), np.zeros(3, np.uint8), CLASSES))
     with pytest.raises(ShapeError, match="test images"):
         train(tiny_graph(), "reference", data=mismatched, progress=False)
+
+
+@pytest.fixture
+def fake_backends(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Two registered backends on the reference: 'numpyflow' (NHWC by default) and 'inferonly'."""
+    from importlib.metadata import EntryPoint
+
+    from multires import backend as registry
+
+    def entry(name: str, training: bool) -> EntryPoint:
+        module = types.ModuleType(f"fake_backend_{name}")
+        module.NAME, module.LAYOUTS, module.FRAMEWORK_MODULES, module.TRAINING = (
+            name,
+            ("NHWC", "NCHW"),
+            (),
+            training,
+        )
+        module.make_runner = Float32Runner
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        return EntryPoint(name=name, value=module.__name__, group=registry.ENTRY_POINT_GROUP)
+
+    points = {"numpyflow": entry("numpyflow", True), "inferonly": entry("inferonly", False)}
+    monkeypatch.setattr(registry, "_registered", lambda: dict(points))
+    registry._load.cache_clear()
+    yield
+    registry._load.cache_clear()
+
+
+def test_a_registered_backend_trains_in_its_own_layout(fake_backends: None) -> None:
+    history = train(tiny_graph(), "numpyflow", data=DATA, **{**RUN, "epochs": 1})
+    assert history.config["backend"] == "numpyflow" and history.config["layout"] == "NHWC"
+    expected = train(tiny_graph(), Float32Runner, data=DATA, **{**RUN, "epochs": 1})
+    assert history.epochs[0].train_loss == pytest.approx(expected.epochs[0].train_loss, rel=1e-12)
+
+
+def test_an_inference_only_backend_is_refused_before_loading_data(
+    fake_backends: None, tmp_path: Path
+) -> None:
+    with pytest.raises(TrainingError, match="backend 'inferonly' runs inference only"):
+        train(tiny_graph(), "inferonly", root=tmp_path / "no-data-here", progress=False)
 
 
 # Files, plot, checkpoints.

@@ -238,10 +238,14 @@ def test_a_registered_backend_trains_in_its_own_layout(fake_backends: None) -> N
 
 
 def test_an_inference_only_backend_is_refused_before_loading_data(
-    fake_backends: None, tmp_path: Path
+    fake_backends: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the data was loaded before the backend was checked")
+
+    monkeypatch.setattr("multires.train.fashion_mnist", no_loading)
     with pytest.raises(TrainingError, match="backend 'inferonly' runs inference only"):
-        train(tiny_graph(), "inferonly", root=tmp_path / "no-data-here", progress=False)
+        train(tiny_graph(), "inferonly", progress=False)
 
 
 # Files, plot, checkpoints.

@@ -8,8 +8,14 @@ carries the spec's JSON and the layout in its metadata, so it can be mapped back
 How spec semantics map onto ONNX (opset `OPSET`):
 
 - Padding is explicit per side: ONNX `pads` are `[top, left, bottom, right]`.
-- MaxPool: ONNX pads never take part in the max (onnxruntime and the ONNX reference both skip
-  them), which is the spec's "-inf padding". AveragePool's `count_include_pad` is the spec's.
+- MaxPool: ONNX pads never take part in the max, which is the spec's "-inf padding".
+  AveragePool's `count_include_pad` is the spec's.
+- Pools get symmetric `pads` only: asymmetric padding becomes an explicit `Pad` (-inf for max,
+  zeros for an average that counts them) before an unpadded pool. Runtimes have mishandled
+  asymmetric pool pads (onnxruntime issues #24681 and #26708 on the CPU average with
+  `count_include_pad=1`, #29631 on the CUDA average; ONNX's Python `ReferenceEvaluator` reads a
+  stride-1 max pool's pads in the wrong order), and an explicit `Pad` is exact everywhere. An average that excludes padding from its divisor needs the
+  operator's own pads, so it keeps them.
 - BatchNormalization in inference mode (`training_mode=0`, the default) with the spec's
   epsilon; ONNX's momentum is the weight of the old running statistic, so it is
   `1 - momentum` of the spec (kept for tools that train the exported graph).
@@ -85,6 +91,35 @@ class LoweringContext:
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
+    def symmetric_pads(self, node: MaxPool2d | AvgPool2d, x: str, value: float) -> tuple[str, list[int]]:
+        """The pool's input and `pads`: symmetric padding stays on the operator; asymmetric padding
+        becomes an explicit `Pad` with `value` before it (named `<node>/pad`, its operands
+        `Constant`s so that the initializers stay exactly the canonical weights)."""
+        (top, bottom), (left, right) = node.padding
+        if top == bottom and left == right:
+            return x, _pads(node)
+        pads, fill = f"{node.name}/pads", f"{node.name}/pad_value"
+        self.nodes += [
+            helper.make_node(
+                "Constant",
+                [],
+                [pads],
+                name=pads,
+                value=numpy_helper.from_array(
+                    np.array([0, 0, top, left, 0, 0, bottom, right], np.int64), pads
+                ),
+            ),
+            helper.make_node(
+                "Constant",
+                [],
+                [fill],
+                name=fill,
+                value=numpy_helper.from_array(np.array(value, np.float32), fill),
+            ),
+            helper.make_node("Pad", [x, pads, fill], [f"{node.name}/padded"], name=f"{node.name}/pad"),
+        ]
+        return f"{node.name}/padded", [0, 0, 0, 0]
+
 
 Lowering = Callable[[LoweringContext, Node, list[str], str], str]
 LOWERINGS: dict[type[Node], Lowering] = {}
@@ -152,27 +187,25 @@ def _add(ctx: LoweringContext, node: Add, inputs: list[str], output: str) -> str
 
 @lowers(MaxPool2d)
 def _maxpool2d(ctx: LoweringContext, node: MaxPool2d, inputs: list[str], output: str) -> str:
+    x, pads = ctx.symmetric_pads(node, inputs[0], float("-inf"))
     return ctx.emit(
-        "MaxPool",
-        node,
-        inputs,
-        output,
-        kernel_shape=list(node.kernel),
-        strides=list(node.stride),
-        pads=_pads(node),
+        "MaxPool", node, [x], output, kernel_shape=list(node.kernel), strides=list(node.stride), pads=pads
     )
 
 
 @lowers(AvgPool2d)
 def _avgpool2d(ctx: LoweringContext, node: AvgPool2d, inputs: list[str], output: str) -> str:
+    # Without count_include_pad the divisor must see which pixels are padding, so the padding
+    # stays on the operator even when asymmetric.
+    x, pads = ctx.symmetric_pads(node, inputs[0], 0.0) if node.count_include_pad else (inputs[0], _pads(node))
     return ctx.emit(
         "AveragePool",
         node,
-        inputs,
+        [x],
         output,
         kernel_shape=list(node.kernel),
         strides=list(node.stride),
-        pads=_pads(node),
+        pads=pads,
         count_include_pad=int(node.count_include_pad),
     )
 

@@ -24,7 +24,7 @@ import urllib.request
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -242,23 +242,24 @@ def fetch(name: str, folder: str | os.PathLike, progress: bool = True) -> Path:
         ) from None
     try:
         with os.fdopen(fd, "wb") as handle:
-            _copy_url(url, handle, f"{name}.gz", progress)
+            try:
+                _copy_url(url, handle, f"{name}.gz", progress)
+            except (urllib.error.URLError, OSError) as error:
+                reason = getattr(error, "reason", None) or error
+                raise DataError(
+                    f"could not download {url} ({reason}). Without network access, install Debian's "
+                    f"dataset-fashion-mnist or put the four files in a folder named by ${ENV_VAR}."
+                ) from None
             handle.flush()
             os.fsync(handle.fileno())
         _verified(Path(tmp), name)
         os.replace(tmp, final)
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", None) or error
-        raise DataError(
-            f"could not download {url} ({reason}). Without network access, install Debian's "
-            f"dataset-fashion-mnist or put the four files in a folder named by ${ENV_VAR}."
-        ) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
     return final
 
 
-def _copy_url(url: str, handle: object, label: str, progress: bool) -> None:
+def _copy_url(url: str, handle: BinaryIO, label: str, progress: bool) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
@@ -268,7 +269,7 @@ def _copy_url(url: str, handle: object, label: str, progress: bool) -> None:
         with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
             task = bar.add_task(f"downloading {label}", total=int(length) if length else None)
             while chunk := response.read(1 << 16):
-                handle.write(chunk)  # type: ignore[attr-defined]
+                handle.write(chunk)
                 bar.advance(task, len(chunk))
 
 

@@ -14,8 +14,8 @@ How spec semantics map onto ONNX (opset `OPSET`):
   zeros for an average that counts them) before an unpadded pool. Runtimes have mishandled
   asymmetric pool pads (onnxruntime issues #24681 and #26708 on the CPU average with
   `count_include_pad=1`, #29631 on the CUDA average; ONNX's Python `ReferenceEvaluator` reads a
-  stride-1 max pool's pads in the wrong order), and an explicit `Pad` is exact everywhere. An average that excludes padding from its divisor needs the
-  operator's own pads, so it keeps them.
+  stride-1 max pool's pads in the wrong order), and an explicit `Pad` is exact everywhere. An
+  average that excludes padding from its divisor needs the operator's own pads, so it keeps them.
 - BatchNormalization in inference mode (`training_mode=0`, the default) with the spec's
   epsilon; ONNX's momentum is the weight of the old running statistic, so it is
   `1 - momentum` of the spec (kept for tools that train the exported graph).
@@ -53,8 +53,9 @@ from multires.shapes import Shape, check_layout, infer_shapes
 from multires.weights import as_weights, init_weights, weight_shapes
 
 OPSET = 17
-"""The ONNX operator set: 17 is the oldest with every operator used here in its current form, and
-what most runtimes (onnxruntime, DJL, TensorRT, OpenVINO) accept."""
+"""The ONNX operator set the models declare: every operator used here has had the semantics the
+spec needs since opset 17 or earlier, and current runtimes (onnxruntime, DJL, TensorRT,
+OpenVINO) all load it."""
 
 IR_VERSION = 8
 """The ONNX IR version that goes with opset 17, so runtimes of that era load the file."""
@@ -70,8 +71,7 @@ class LoweringContext:
     """What a lowering function needs: the canonical weights, the ONNX nodes and initializers
     emitted so far, and the tensor name of every spec value."""
 
-    def __init__(self, graph: Graph, weights: Mapping[str, np.ndarray]) -> None:
-        self.spec = graph
+    def __init__(self, weights: Mapping[str, np.ndarray]) -> None:
         self.weights = weights
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
@@ -280,7 +280,7 @@ def build(
     layout = check_layout(layout)
     _check_dense_widths(graph, weights)
     weights = init_weights(graph, seed=0) if weights is None else _float32(graph, weights)
-    ctx = LoweringContext(graph, weights)
+    ctx = LoweringContext(weights)
     nhwc = layout == "NHWC"
     shapes = infer_shapes(graph)
     for spec_input in graph.inputs:

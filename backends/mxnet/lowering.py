@@ -105,11 +105,12 @@ class Conv2D(nn.Conv2D):
 
 
 class BatchNorm2D(nn.BatchNorm):
-    """Batch normalisation over axis 1 returning `(y, batch_mean, batch_inv_std)`.
+    """Batch normalisation over axis 1 returning `(y, batch_mean, biased_batch_var)`.
 
     `momentum` (shown by `print`) is Gluon's convention, `1 - spec momentum`; `spec_momentum`
     is the spec's. MXNet's own running-statistics update is disabled (it runs in backward with
     the biased variance); `GraphBlock` applies the spec's update from the returned statistics.
+    MXNet's op reports the inverse standard deviation, so the variance is `inv_std^-2 - eps`.
     """
 
     def __init__(self, node: BatchNorm, channels: int) -> None:
@@ -140,7 +141,7 @@ class BatchNorm2D(nn.BatchNorm):
             use_global_stats=False,
             output_mean_var=True,
         )
-        return out, mean, inv_std
+        return out, mean, inv_std**-2 - self.eps
 
 
 class MaxPool2D(nn.MaxPool2D):
@@ -278,6 +279,11 @@ def _register(parent: gluon.HybridBlock, name: str, child: gluon.HybridBlock) ->
         parent.register_child(child, name)
 
 
+_MAX_FUSED = 45
+"""Arrays per `multi_sgd_update` call: MXNet's own SGD caps its aggregation at 45, and the kernel
+crashes on much larger groups."""
+
+
 class GraphBlock(_Container):
     """The network: calls each node's block in graph order; returns the graph's output (a tuple
     for several outputs).
@@ -304,8 +310,8 @@ class GraphBlock(_Container):
         for node in self.graph.nodes:
             out = self.blocks[node.name](*(values[source] for source in node.inputs))
             if isinstance(node, BatchNorm):
-                out, mean, inv_std = out
-                statistics += [mean, inv_std]
+                out, mean, var = out
+                statistics += [mean, var]
             values[node.name] = out
         return (*(values[name] for name in self.graph.outputs), *statistics)
 
@@ -331,17 +337,33 @@ class GraphBlock(_Container):
 
     def _update_running(self, statistics: tuple[Any, ...], counts: dict[str, int]) -> None:
         """Running statistics as the spec defines them, from each BatchNorm's batch mean and
-        inverse standard deviation (var = 1 / inv_std^2 - eps, in float64)."""
+        biased variance: `running = (1 - m) * running + m * stat`, the variance scaled by
+        n / (n - 1).
+
+        `multi_sgd_update` computes `w = (1 - lr * wd) * w - lr * g` for many arrays in one op:
+        with `lr = -m * s` and `wd = -1 / s` that is the running average of `s * stat`.
+        """
+        arrays, lrs, wds = [], [], []
+        for index, node in enumerate(self._batchnorms):
+            block = self.blocks[node.name]
+            n, m = counts[node.name], node.momentum
+            for param, stat, scale in (
+                (block.running_mean, statistics[2 * index], 1.0),
+                (block.running_var, statistics[2 * index + 1], n / (n - 1)),
+            ):
+                arrays.append((param.data(), stat))
+                lrs.append(-m * scale)
+                wds.append(-1.0 / scale)
         with autograd.pause():
-            for index, node in enumerate(self._batchnorms):
-                block = self.blocks[node.name]
-                mean, inv_std = statistics[2 * index], statistics[2 * index + 1]
-                n, m = counts[node.name], node.momentum
-                variance = (nd.reciprocal(nd.square(inv_std.astype("float64"))) - node.eps) * (n / (n - 1))
-                running_mean, running_var = block.running_mean.data(), block.running_var.data()
-                running_mean[:] = (1 - m) * running_mean + m * mean
-                running_var[:] = ((1 - m) * running_var.astype("float64") + m * nd.relu(variance)).astype(
-                    running_var.dtype
+            for start in range(0, len(arrays), _MAX_FUSED):
+                chunk = slice(start, start + _MAX_FUSED)
+                nd.multi_sgd_update(
+                    *(a for pair in arrays[chunk] for a in pair),
+                    out=[running for running, _ in arrays[chunk]],
+                    lrs=tuple(lrs[chunk]),
+                    wds=tuple(wds[chunk]),
+                    rescale_grad=1.0,
+                    num_weights=len(arrays[chunk]),
                 )
 
     def export(self, path: str | os.PathLike, epoch: int = 0) -> tuple[str, str]:

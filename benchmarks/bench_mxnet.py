@@ -1,0 +1,309 @@
+"""Images/s of multires-built Gluon models against hand-written Gluon models of the same architecture.
+
+For `d2l_resnet18` at 96x96 and `resnet50` at 224x224 (batch 64), in one process and interleaved
+round by round (so machine noise hits both alike): inference (predict mode) and one training step
+(`autograd.record(train_mode=True)`, batch-mean softmax cross-entropy, `backward()`,
+`gluon.Trainer.step`: the same step function and optimizer for both models), both models
+hybridized with `static_alloc=True, static_shape=True`. Prints images/s and the ratio
+multires / hand-written (target >= 0.97).
+
+The hand-written models are what one writes from the book (D2L's MXNet ResNet chapter) and from
+torchvision's ResNet-50 with plain Gluon layers (`nn.BatchNorm` included, so their running
+statistics follow MXNet's rule rather than the spec's; the multires model pays for the spec's).
+The benchmark loads the same canonical weights into both and checks that their outputs agree
+before timing.
+
+    python benchmarks/bench_mxnet.py            # full run (slow on CPU)
+    python benchmarks/bench_mxnet.py --quick    # CI smoke run: batch 4, 64x64 images, 1 round
+
+MXNet sizes its OpenMP pool from the CPU count; set OMP_NUM_THREADS to the cores you own on a
+shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon, nd
+from mxnet.gluon import nn
+
+import multires
+from multires import reference
+
+mxb = multires.get_backend("mxnet")
+
+# --------------------------------------------------------------------------------------------
+# Hand-written models. Child names follow the canonical weight names so that Gluon's structural
+# parameter names (`load_dict`) equal `mxb.name_map(graph)`'s.
+
+
+class Residual(nn.HybridBlock):
+    """The book's residual block: two 3x3 convs with BN, optional 1x1 conv shortcut."""
+
+    def __init__(self, channels: int, use_1x1conv: bool = False, strides: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2D(channels, kernel_size=3, padding=1, strides=strides)
+        self.bn1 = nn.BatchNorm()
+        self.conv2 = nn.Conv2D(channels, kernel_size=3, padding=1)
+        self.bn2 = nn.BatchNorm()
+        self.conv3 = nn.Conv2D(channels, kernel_size=1, strides=strides) if use_1x1conv else None
+
+    def hybrid_forward(self, F: Any, X: Any) -> Any:
+        Y = F.relu(self.bn1(self.conv1(X)))
+        Y = self.bn2(self.conv2(Y))
+        if self.conv3 is not None:
+            X = self.conv3(X)
+        return F.relu(Y + X)
+
+
+class D2LResNet18(nn.HybridBlock):
+    """The Dive into Deep Learning ResNet-18 (MXNet edition), named b1..b5 and last."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.b1 = nn.HybridSequential()
+        self.b1.add(
+            nn.Conv2D(64, kernel_size=7, strides=2, padding=3),
+            nn.BatchNorm(),
+            nn.Activation("relu"),
+            nn.MaxPool2D(pool_size=3, strides=2, padding=1),
+        )
+        for index, channels in enumerate((64, 128, 256, 512), start=2):
+            stage = nn.HybridSequential()
+            first = index > 2
+            stage.add(Residual(channels, use_1x1conv=first, strides=2 if first else 1), Residual(channels))
+            setattr(self, f"b{index}", stage)
+        self.last = nn.HybridSequential()
+        self.last.add(nn.GlobalAvgPool2D(), nn.Flatten(), nn.Dense(classes))
+
+    def hybrid_forward(self, F: Any, x: Any) -> Any:
+        for stage in (self.b1, self.b2, self.b3, self.b4, self.b5, self.last):
+            x = stage(x)
+        return x
+
+
+class Bottleneck(nn.HybridBlock):
+    """torchvision's ResNet-50 bottleneck (v1.5: stride on the 3x3 conv, no conv bias)."""
+
+    def __init__(self, width: int, strides: int, downsample: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2D(width, kernel_size=1, use_bias=False)
+        self.bn1 = nn.BatchNorm()
+        self.conv2 = nn.Conv2D(width, kernel_size=3, strides=strides, padding=1, use_bias=False)
+        self.bn2 = nn.BatchNorm()
+        self.conv3 = nn.Conv2D(width * 4, kernel_size=1, use_bias=False)
+        self.bn3 = nn.BatchNorm()
+        self.downsample = None
+        if downsample:
+            self.downsample = nn.HybridSequential()
+            self.downsample.add(
+                nn.Conv2D(width * 4, kernel_size=1, strides=strides, use_bias=False), nn.BatchNorm()
+            )
+
+    def hybrid_forward(self, F: Any, x: Any) -> Any:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(y + shortcut)
+
+
+class ResNet50(nn.HybridBlock):
+    """torchvision's ResNet-50 in plain Gluon."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2D(64, kernel_size=7, strides=2, padding=3, use_bias=False)
+        self.bn1 = nn.BatchNorm()
+        self.maxpool = nn.MaxPool2D(pool_size=3, strides=2, padding=1)
+        for index, (width, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3)), start=1):
+            stage = nn.HybridSequential()
+            for block in range(blocks):
+                stage.add(Bottleneck(width, 2 if block == 0 and index > 1 else 1, downsample=block == 0))
+            setattr(self, f"layer{index}", stage)
+        self.avgpool = nn.GlobalAvgPool2D()
+        self.fc = nn.Dense(classes)
+
+    def hybrid_forward(self, F: Any, x: Any) -> Any:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+        return self.fc(self.avgpool(x))
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    size: int
+    classes: int
+    channels: int
+    hand: Callable[[], nn.HybridBlock]
+
+
+CASES = {
+    "d2l_resnet18": Case("d2l_resnet18", 96, 10, 1, D2LResNet18),
+    "resnet50": Case("resnet50", 224, 1000, 3, ResNet50),
+}
+
+
+def load_canonical(model: nn.HybridBlock, graph: multires.Graph, weights: dict[str, np.ndarray]) -> None:
+    """Load canonical weights into a hand-written model by structural Gluon names (through a
+    `save_parameters`-format file, which is what `load_parameters` reads)."""
+    names = mxb.name_map(graph)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "weights.params")
+        nd.save(path, {names[k]: nd.array(v) for k, v in weights.items()})
+        model.load_parameters(path, ctx=mx.cpu())
+
+
+# --------------------------------------------------------------------------------------------
+# Timing.
+
+
+def _step_functions(model: nn.HybridBlock, optimizer: str) -> dict[str, Callable[[Any, Any], Any]]:
+    if optimizer == "pytorch":
+        trainer = gluon.Trainer(model.collect_params(), mxb.PyTorchSGD(0.01, momentum=0.9), kvstore=None)
+    else:
+        trainer = gluon.Trainer(
+            model.collect_params(), "sgd", {"learning_rate": 0.01, "momentum": 0.9}, kvstore=None
+        )
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+
+    def infer(x: Any, labels: Any) -> Any:
+        with autograd.predict_mode():
+            return model(x)
+
+    def train(x: Any, labels: Any) -> Any:
+        with autograd.record(train_mode=True):
+            loss = loss_fn(model(x), labels).mean()
+        loss.backward()
+        trainer.step(1)
+        return loss
+
+    return {"inference": infer, "train_step": train}
+
+
+def _time(function: Callable[[Any, Any], Any], x: Any, labels: Any, iters: int) -> float:
+    nd.waitall()
+    start = time.perf_counter()
+    for _ in range(iters):
+        function(x, labels)
+    nd.waitall()
+    return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    size: int
+    batch: int
+    mode: str
+    multires: float
+    hand: float
+    first_call_s: float
+    hand_first_call_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.multires / self.hand
+
+
+def bench(case: Case, batch: int, size: int, rounds: int, iters: int, optimizer: str) -> list[Row]:
+    """Rows of images/s for `case`, the two models timed alternately in each round."""
+    graph = multires.spec(case.model)
+    weights = multires.init_weights(graph, seed=0)
+    ours = mxb.load_weights(mxb.build(graph, initialize=False), weights)
+    hand = case.hand()
+    load_canonical(hand, graph, weights)
+    for model in (ours, hand):
+        model.hybridize(static_alloc=True, static_shape=True)
+    rng = np.random.default_rng(0)
+    x = nd.array(rng.normal(size=(batch, case.channels, size, size)).astype(np.float32))
+    labels = nd.array(rng.integers(0, case.classes, size=batch))
+    error = reference.relative_error(ours(x).asnumpy(), hand(x).asnumpy())
+    print(
+        f"{case.model} {size}x{size}: multires vs hand-written outputs, relative error {error:.1e}",
+        flush=True,
+    )
+    if error > 1e-4:
+        raise SystemExit(f"{case.model}: the hand-written model computes something else (error {error:.1e}).")
+    functions = {"multires": _step_functions(ours, optimizer), "hand": _step_functions(hand, optimizer)}
+    rows = []
+    for mode in ("inference", "train_step"):
+        warmup = {which: _time(functions[which][mode], x, labels, 1) for which in ("multires", "hand")}
+        seconds: dict[str, list[float]] = {"multires": [], "hand": []}
+        for round_ in range(rounds):
+            order = ("multires", "hand") if round_ % 2 == 0 else ("hand", "multires")
+            for which in order:
+                seconds[which].append(_time(functions[which][mode], x, labels, iters))
+        speed = {k: batch * iters / statistics.median(v) for k, v in seconds.items()}
+        row = Row(
+            case.model,
+            size,
+            batch,
+            mode,
+            speed["multires"],
+            speed["hand"],
+            warmup["multires"],
+            warmup["hand"],
+        )
+        print(_format(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def _format(row: Row) -> str:
+    return (
+        f"{row.model:>13} {row.size:>3}px b{row.batch:<3} {row.mode:<10} "
+        f"multires {row.multires:8.1f} img/s  hand {row.hand:8.1f} img/s  ratio {row.ratio:.3f}  "
+        f"(first call {row.first_call_s:.1f}s / {row.hand_first_call_s:.1f}s)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke run: batch 4, 64x64 images, 1 round")
+    parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=sorted(CASES))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median taken)")
+    parser.add_argument("--iters", type=int, default=3, help="steps per round")
+    parser.add_argument(
+        "--optimizer",
+        choices=("sgd", "pytorch"),
+        default="sgd",
+        help="MXNet's 'sgd' or the runner's PyTorchSGD, the same for both models (momentum 0.9)",
+    )
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    batch, rounds, iters = (4, 1, 1) if args.quick else (args.batch, args.rounds, args.iters)
+    features = mx.runtime.Features()
+    print(
+        f"MXNet {mx.__version__} (MKLDNN {'on' if features.is_enabled('MKLDNN') else 'off'}), "
+        f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    )
+    rows = []
+    for name in args.models:
+        case = CASES[name]
+        rows += bench(case, batch, 64 if args.quick else case.size, rounds, iters, args.optimizer)
+    print("\nratio multires / hand-written (target >= 0.97):")
+    for row in rows:
+        print(_format(row))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump([asdict(r) | {"ratio": r.ratio} for r in rows], handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,8 +37,14 @@ def is_buffer(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in BUFFER_KINDS
 
 
-def weight_shapes(graph: Graph, input_shape: Shape | None = None) -> dict[str, tuple[int, ...]]:
-    """Every canonical weight name of `graph` with its shape, in graph order."""
+def weight_shapes(
+    graph: Graph, input_shape: Shape | None = None, partial: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """Every canonical weight name of `graph` with its shape, in graph order.
+
+    A Dense whose input size depends on the image size needs `input_shape`; with `partial` its
+    weight gets shape `(out_features, -1)` instead (any input size).
+    """
     shapes = infer_shapes(graph, input_shape)
     expected: dict[str, tuple[int, ...]] = {}
     for node in graph.nodes:
@@ -51,10 +57,11 @@ def weight_shapes(graph: Graph, input_shape: Shape | None = None) -> dict[str, t
             for kind in ("weight", "bias", *BUFFER_KINDS):
                 expected[f"{node.name}.{kind}"] = (c_in,)
         elif isinstance(node, Dense):
-            if c_in is None:
+            if c_in is None and not partial:
                 raise WeightsError(
                     f"{node.name} (Dense): its input size depends on the image size; pass input_shape."
                 )
+            c_in = -1 if c_in is None else c_in
             expected[f"{node.name}.weight"] = (node.out_features, c_in)
             if node.bias:
                 expected[f"{node.name}.bias"] = (node.out_features,)
@@ -112,8 +119,11 @@ def random_weights(graph: Graph, seed: int = 0, input_shape: Shape | None = None
 
 
 def check_weights(graph: Graph, weights: Mapping[str, Any], input_shape: Shape | None = None) -> None:
-    """Raise one WeightsError listing every missing, unexpected, misshapen or mistyped entry."""
-    expected = weight_shapes(graph, input_shape)
+    """Raise one WeightsError listing every missing, unexpected, misshapen or mistyped entry.
+
+    Without `input_shape`, the input size of a Dense that depends on the image size is not checked.
+    """
+    expected = weight_shapes(graph, input_shape, partial=True)
     problems = []
     for name, shape in expected.items():
         if name not in weights:
@@ -122,7 +132,7 @@ def check_weights(graph: Graph, weights: Mapping[str, Any], input_shape: Shape |
         value = weights[name]
         if not isinstance(value, np.ndarray):
             problems.append(f"{name}: expected a numpy array, got {type(value).__name__}")
-        elif tuple(value.shape) != shape:
+        elif len(value.shape) != len(shape) or any(e not in (-1, v) for v, e in zip(value.shape, shape)):
             problems.append(f"{name}: shape {tuple(value.shape)}, expected {shape}")
         elif value.dtype != np.float32:
             problems.append(f"{name}: dtype {value.dtype}, expected float32")

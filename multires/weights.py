@@ -132,7 +132,7 @@ def check_weights(graph: Graph, weights: Mapping[str, Any], input_shape: Shape |
         value = weights[name]
         if not isinstance(value, np.ndarray):
             problems.append(f"{name}: expected a numpy array, got {type(value).__name__}")
-        elif len(value.shape) != len(shape) or any(e not in (-1, v) for v, e in zip(value.shape, shape)):
+        elif len(value.shape) != len(shape) or any(e not in (-1, v) for v, e in zip(value.shape, shape, strict=True)):
             problems.append(f"{name}: shape {tuple(value.shape)}, expected {shape}")
         elif value.dtype != np.float32:
             problems.append(f"{name}: dtype {value.dtype}, expected float32")

@@ -14,7 +14,7 @@ initializer mapping, `runner` the `Runner` and the onnxruntime session.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import onnx
@@ -31,16 +31,20 @@ TRAINING = False
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write `model` to `path` atomically (a complete file or none), after `onnx.checker`."""
+    """Write `model` to `path` atomically (a complete file or none), after `onnx.checker`.
+
+    The file gets the usual permissions (0666 less the umask), as a model meant for other
+    runtimes and machines should.
+    """
     onnx.checker.check_model(model)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with tmp.open("xb") as handle:
             handle.write(model.SerializeToString())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -10,6 +10,7 @@ Runner; `multires export` and `multires compare` with this backend.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -296,6 +297,9 @@ def test_export_cli_writes_a_loadable_file(tmp_path, capsys) -> None:
     (got,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})
     assert reference.relative_error(got, reference.run(graph, weights, x)) <= 1e-4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "w.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_export_cli_without_weights_uses_the_seed(tmp_path, capsys) -> None:

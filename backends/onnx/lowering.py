@@ -50,7 +50,7 @@ from multires.graph import (
     ReLU,
 )
 from multires.shapes import Shape, check_layout, infer_shapes
-from multires.weights import as_weights, init_weights, weight_shapes
+from multires.weights import as_weights, init_weights
 
 OPSET = 17
 """The ONNX operator set the models declare: every operator used here has had the semantics the
@@ -258,16 +258,6 @@ def _check_dense_widths(graph: Graph, weights: Mapping[str, np.ndarray] | None) 
             )
 
 
-def _float32(graph: Graph, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Canonical `weights` as float32, checked against the graph where its weight shapes do not
-    depend on the image size (otherwise a missing weight is reported when it is needed)."""
-    try:
-        weight_shapes(graph)
-    except WeightsError:
-        return {name: np.asarray(value, dtype=np.float32) for name, value in weights.items()}
-    return as_weights(weights, graph)
-
-
 def build(
     graph: Graph, layout: str = "NCHW", weights: Mapping[str, np.ndarray] | None = None
 ) -> onnx.ModelProto:
@@ -279,7 +269,7 @@ def build(
     """
     layout = check_layout(layout)
     _check_dense_widths(graph, weights)
-    weights = init_weights(graph, seed=0) if weights is None else _float32(graph, weights)
+    weights = init_weights(graph, seed=0) if weights is None else as_weights(weights, graph)
     ctx = LoweringContext(weights)
     nhwc = layout == "NHWC"
     shapes = infer_shapes(graph)

@@ -280,6 +280,8 @@ def train(
     )
     if resume and out is None:
         raise TrainingError("resume=True needs the run folder `out` that holds the checkpoint.")
+    if out is not None and not resume and (record := read_checkpoint(out)) is not None:
+        raise _existing_run(Path(out), record)
     make_runner = _runner_factory(backend, layout)
     if plot is None:
         plot = out is not None and _has_matplotlib()
@@ -522,6 +524,15 @@ def read_checkpoint(folder: str | os.PathLike) -> dict[str, Any] | None:
     return record
 
 
+def _existing_run(folder: Path, record: Mapping[str, Any]) -> TrainingError:
+    """The error for starting a run in a folder that holds one: runs are never overwritten."""
+    saved = History.from_dict(record["history"])
+    return TrainingError(
+        f"{folder} already holds a run ({len(saved.epochs)} of {saved.config.get('epochs')} epochs "
+        "done). Pass resume=True (--resume) to continue it, or choose another out folder."
+    )
+
+
 def _start(
     folder: Path, resume: bool, runner: Runner, graph: Graph, config: dict[str, Any], progress: bool
 ) -> tuple[_Position, History]:
@@ -531,13 +542,9 @@ def _start(
         if resume and progress:
             _console(progress).print(f"no checkpoint in {folder}: starting a new run", highlight=False)
         return _Position(), History(config)
-    saved = History.from_dict(record["history"])
     if not resume:
-        done = len(saved.epochs)
-        raise TrainingError(
-            f"{folder} already holds a run ({done} of {saved.config.get('epochs')} epochs done). Pass "
-            "resume=True (--resume) to continue it, or choose another out folder."
-        )
+        raise _existing_run(folder, record)
+    saved = History.from_dict(record["history"])
     changed = [k for k in RESUME_KEYS if saved.config.get(k) != config.get(k)]
     if changed:
         details = ", ".join(

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -22,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from multires.errors import WeightsError
-from multires.shapes import Shape, infer_shapes
+from multires.files import atomic_write
 from multires.graph import BatchNorm, Conv2d, Dense, Graph
+from multires.shapes import Shape, infer_shapes
 
 CanonicalWeights = dict[str, np.ndarray]
 """Name -> float32 array, in the layouts above."""
@@ -132,7 +132,9 @@ def check_weights(graph: Graph, weights: Mapping[str, Any], input_shape: Shape |
         value = weights[name]
         if not isinstance(value, np.ndarray):
             problems.append(f"{name}: expected a numpy array, got {type(value).__name__}")
-        elif len(value.shape) != len(shape) or any(e not in (-1, v) for v, e in zip(value.shape, shape, strict=True)):
+        elif len(value.shape) != len(shape) or any(
+            e not in (-1, v) for v, e in zip(value.shape, shape, strict=True)
+        ):
             problems.append(f"{name}: shape {tuple(value.shape)}, expected {shape}")
         elif value.dtype != np.float32:
             problems.append(f"{name}: dtype {value.dtype}, expected float32")
@@ -164,20 +166,13 @@ _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 def save(weights: Mapping[str, np.ndarray], path: str | os.PathLike, graph: Graph | None = None) -> Path:
     """Write weights atomically as `.safetensors` (with the graph's JSON as metadata) or `.npz`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            if path.suffix == ".safetensors":
-                _write_safetensors(handle, weights, graph)
-            elif path.suffix == ".npz":
-                np.savez(handle, **{k: np.asarray(v) for k, v in weights.items()})
-            else:
-                raise WeightsError(f"{path}: use a .safetensors or .npz file name.")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    if path.suffix == ".safetensors":
+        return atomic_write(path, lambda handle: _write_safetensors(handle, weights, graph))
+    if path.suffix == ".npz":
+        return atomic_write(
+            path, lambda handle: np.savez(handle, **{k: np.asarray(v) for k, v in weights.items()})
+        )
+    raise WeightsError(f"{path}: use a .safetensors or .npz file name.")
 
 
 def _write_safetensors(handle: Any, weights: Mapping[str, np.ndarray], graph: Graph | None) -> None:
@@ -190,7 +185,11 @@ def _write_safetensors(handle: Any, weights: Mapping[str, np.ndarray], graph: Gr
         if dtype not in _ST_NAMES:
             raise WeightsError(f"{name}: dtype {array.dtype} cannot be written to safetensors.")
         array = array.astype(dtype, copy=False)
-        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        header[name] = {
+            "dtype": _ST_NAMES[dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
         offset += array.nbytes
         arrays.append(array)
     meta = {"format": "np", "producer": "multires"}
@@ -230,7 +229,9 @@ def _read_npz(path: Path) -> CanonicalWeights:
     except unreadable as error:
         raise WeightsError(f"{path}: not a readable .npz weight file ({error}).") from None
     if isinstance(archive, np.ndarray):
-        raise WeightsError(f"{path}: holds a single unnamed .npy array, not an .npz archive of named weights.")
+        raise WeightsError(
+            f"{path}: holds a single unnamed .npy array, not an .npz archive of named weights."
+        )
     with archive:
         try:
             return {name: archive[name] for name in archive.files}
@@ -252,7 +253,9 @@ def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
             raise WeightsError(f"{path}: truncated safetensors file (no header length).")
         (length,) = struct.unpack("<Q", head)
         if length > size - 8:
-            raise WeightsError(f"{path}: corrupt safetensors file (header of {length} bytes in a {size}-byte file).")
+            raise WeightsError(
+                f"{path}: corrupt safetensors file (header of {length} bytes in a {size}-byte file)."
+            )
         try:
             header = json.loads(handle.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -14,10 +14,11 @@ initializer mapping, `runner` the `Runner` and the onnxruntime session.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import onnx
+
+from multires.files import atomic_write
 
 from .lowering import IR_VERSION, LAYOUTS, LOWERINGS, OPSET, build, model_graph, model_layout
 from .runner import InferenceOnlyError, OnnxRunner, inference_session, make_runner
@@ -37,16 +38,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     runtimes and machines should.
     """
     onnx.checker.check_model(model)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("xb") as handle:
-            handle.write(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: handle.write(model.SerializeToString()))
 
 
 __all__ = [

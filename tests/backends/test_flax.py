@@ -287,3 +287,28 @@ def test_load_and_export_weights(weights: dict[str, np.ndarray]) -> None:
         flax_backend.export_weights(model)
     with pytest.raises(WeightsError, match="missing fc.bias"):
         flax_backend.load_weights(model, {k: v for k, v in canonical.items() if k != "fc.bias"})
+
+
+def test_several_inputs_and_outputs() -> None:
+    graph = Graph(
+        "two",
+        (Input("a", 2), Input("b", 2)),
+        [
+            Add("sum", ("a", "b")),
+            Conv2d("conv", "sum", out_channels=3, kernel=1),
+            GlobalAvgPool("pool", "conv"),
+        ],
+        ("conv", "pool"),
+    )
+    weights = random_weights(graph, seed=0)
+    rng = np.random.default_rng(2)
+    a, b = (rng.normal(size=(2, 2, 5, 4)).astype(np.float32) for _ in range(2))
+    model = flax_backend.build(graph, "NCHW")
+    conv, pool = model.apply(flax_backend.load_weights(model, weights), a, b)
+    expected = reference.run(graph, weights, {"a": a, "b": b})
+    assert reference.relative_error(conv, expected["conv"]) < 1e-6
+    assert reference.relative_error(pool, expected["pool"]) < 1e-6
+    with pytest.raises(ShapeError, match="expects 2 input"):
+        model.apply(flax_backend.load_weights(model, weights), a)
+    with pytest.raises(ShapeError, match="cannot add"):
+        model.apply(flax_backend.load_weights(model, weights), a, b[:, :, :4])

@@ -1,0 +1,351 @@
+"""Images/s of multires-built Flax models against hand-written Flax models of the same architecture.
+
+For `d2l_resnet18` at 96x96 and `resnet50` at 224x224 (batch 64), in one process and interleaved
+round by round (so machine noise hits both alike): jitted inference (`train=False`) and one jitted
+training step (softmax cross-entropy, `jax.value_and_grad`, optax SGD with momentum and weight
+decay, running statistics updated; the same step function for both models). Prints images/s and
+the ratio multires / hand-written (target >= 0.97).
+
+The hand-written models below are what one would write from the book (D2L's ResNet chapter) and
+from torchvision's ResNet-50 in the style of the Flax ImageNet example, with `nn.BatchNorm` and
+explicit padding, submodules named so that the same canonical weights load into both: the
+benchmark checks their outputs agree before timing. Both use the same matmul/conv `--precision`.
+
+    python benchmarks/bench_flax.py            # full run (slow on CPU)
+    python benchmarks/bench_flax.py --quick    # CI smoke run: small batch and images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import multires
+from multires import reference
+from multires.weights import to_variables
+
+# --------------------------------------------------------------------------------------------
+# Hand-written models (submodule names chosen to match the canonical weight names, for loading).
+
+
+def _norm(train: bool, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class D2LResidual(nn.Module):
+    """D2L's `Residual`: two 3x3 conv-BN (with conv bias), an optional strided 1x1 shortcut conv."""
+
+    channels: int
+    stride: int = 1
+    shortcut: bool = False
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        conv = partial(nn.Conv, self.channels, padding=((1, 1), (1, 1)), precision=self.precision)
+        y = nn.relu(_norm(train, "bn1")(conv((3, 3), self.stride, name="conv1")(x)))
+        y = _norm(train, "bn2")(conv((3, 3), name="conv2")(y))
+        if self.shortcut:
+            x = nn.Conv(self.channels, (1, 1), self.stride, precision=self.precision, name="conv3")(x)
+        return nn.relu(y + x)
+
+
+class D2LStage(nn.Module):
+    channels: int
+    first: bool
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        stride = 1 if self.first else 2
+        x = D2LResidual(self.channels, stride, not self.first, self.precision, name="0")(x, train)
+        return D2LResidual(self.channels, precision=self.precision, name="1")(x, train)
+
+
+class D2LStem(nn.Module):
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = nn.Conv(64, (7, 7), 2, padding=((3, 3), (3, 3)), precision=self.precision, name="0")(x)
+        x = nn.relu(_norm(train, "1")(x))
+        return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+
+
+class D2LHead(nn.Module):
+    classes: int
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Dense(self.classes, precision=self.precision, name="2")(jnp.mean(x, axis=(1, 2)))
+
+
+class D2LResNet18(nn.Module):
+    """The Dive into Deep Learning ResNet-18 (one input channel, 10 classes by default)."""
+
+    classes: int = 10
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = D2LStem(self.precision, name="b1")(x, train)
+        for stage, channels in enumerate((64, 128, 256, 512), start=2):
+            x = D2LStage(channels, stage == 2, self.precision, name=f"b{stage}")(x, train)
+        return D2LHead(self.classes, self.precision, name="last")(x)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's v1.5 bottleneck: stride on the 3x3 conv, no conv bias, projection when needed."""
+
+    width: int
+    stride: int = 1
+    project: bool = False
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        conv = partial(nn.Conv, use_bias=False, precision=self.precision)
+        y = nn.relu(_norm(train, "bn1")(conv(self.width, (1, 1), name="conv1")(x)))
+        y = conv(self.width, (3, 3), self.stride, padding=((1, 1), (1, 1)), name="conv2")(y)
+        y = nn.relu(_norm(train, "bn2")(y))
+        y = _norm(train, "bn3")(conv(self.width * 4, (1, 1), name="conv3")(y))
+        if self.project:
+            x = ProjectionShortcut(self.width * 4, self.stride, self.precision, name="downsample")(x, train)
+        return nn.relu(y + x)
+
+
+class ProjectionShortcut(nn.Module):
+    features: int
+    stride: int
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        conv = nn.Conv(self.features, (1, 1), self.stride, use_bias=False, precision=self.precision, name="0")
+        return _norm(train, "1")(conv(x))
+
+
+class Stage(nn.Module):
+    width: int
+    blocks: int
+    stride: int
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = Bottleneck(self.width, self.stride, True, self.precision, name="0")(x, train)
+        for block in range(1, self.blocks):
+            x = Bottleneck(self.width, precision=self.precision, name=str(block))(x, train)
+        return x
+
+
+class ResNet50(nn.Module):
+    """torchvision's ResNet-50 (v1.5)."""
+
+    classes: int = 1000
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = nn.Conv(
+            64, (7, 7), 2, padding=((3, 3), (3, 3)), use_bias=False, precision=self.precision, name="conv1"
+        )(x)
+        x = nn.relu(_norm(train, "bn1")(x))
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        for stage, (width, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3)), start=1):
+            x = Stage(width, blocks, 1 if stage == 1 else 2, self.precision, name=f"layer{stage}")(x, train)
+        return nn.Dense(self.classes, precision=self.precision, name="fc")(jnp.mean(x, axis=(1, 2)))
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    size: int
+    classes: int
+    channels: int
+    hand: Callable[..., nn.Module]
+
+
+CASES = {
+    "d2l_resnet18": Case("d2l_resnet18", 96, 10, 1, D2LResNet18),
+    "resnet50": Case("resnet50", 224, 1000, 3, ResNet50),
+}
+
+# --------------------------------------------------------------------------------------------
+# Timing.
+
+Step = Callable[[dict[str, Any], Any, jax.Array, jax.Array], tuple[dict[str, Any], Any, jax.Array]]
+
+
+def _step_functions(model: nn.Module) -> tuple[Callable[..., jax.Array], Step, optax.GradientTransformation]:
+    """The jitted inference and training step (buffers donated) for `model`."""
+    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.01, momentum=0.9))
+
+    @jax.jit
+    def infer(variables: dict[str, Any], x: jax.Array) -> jax.Array:
+        return model.apply(variables, x, train=False)
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def train(
+        variables: dict[str, Any], opt_state: Any, x: jax.Array, labels: jax.Array
+    ) -> tuple[dict[str, Any], Any, jax.Array]:
+        def loss_fn(params: Any) -> tuple[jax.Array, Any]:
+            logits, updates = model.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, updates["batch_stats"]
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+        updates, opt_state = tx.update(grads, opt_state, variables["params"])
+        params = optax.apply_updates(variables["params"], updates)
+        return {"params": params, "batch_stats": stats}, opt_state, loss
+
+    return infer, train, tx
+
+
+class Timer:
+    """One model's jitted functions and state; `run` times `iters` calls of one mode."""
+
+    def __init__(self, model: nn.Module, variables: dict[str, Any], x: jax.Array, labels: jax.Array) -> None:
+        self.infer, self.train, tx = _step_functions(model)
+        self.variables = jax.tree.map(jnp.array, variables)
+        self.opt_state = tx.init(self.variables["params"])
+        self.x, self.labels = x, labels
+
+    def run(self, mode: str, iters: int) -> float:
+        start = time.perf_counter()
+        for _ in range(iters):
+            if mode == "inference":
+                out = self.infer(self.variables, self.x)
+            else:
+                self.variables, self.opt_state, out = self.train(
+                    self.variables, self.opt_state, self.x, self.labels
+                )
+        jax.block_until_ready(out)
+        return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    size: int
+    batch: int
+    mode: str
+    multires: float
+    hand: float
+    first_call_s: float
+    hand_first_call_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.multires / self.hand
+
+
+def bench(case: Case, batch: int, size: int, rounds: int, iters: int, precision: Any) -> list[Row]:
+    """Rows of images/s for `case`, the two models timed alternately in each round."""
+    graph = multires.spec(case.model)
+    variables = to_variables(multires.init_weights(graph, seed=0), graph)
+    ours = multires.get_backend("flax").build(graph, "NHWC", precision=precision)
+    hand = case.hand(precision=precision)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, size, size, case.channels)).astype(np.float32))
+    labels = jnp.asarray(rng.integers(0, case.classes, size=batch))
+    timers = {"multires": Timer(ours, variables, x, labels), "hand": Timer(hand, variables, x, labels)}
+    hand_tree = jax.eval_shape(hand.init, jax.random.key(0), x)
+    if jax.tree.structure(hand_tree) != jax.tree.structure(variables):
+        raise SystemExit(f"{case.model}: the hand-written model's variables are not the canonical tree.")
+    outputs = {k: np.asarray(t.infer(t.variables, x)) for k, t in timers.items()}
+    error = reference.relative_error(outputs["multires"], outputs["hand"])
+    print(
+        f"{case.model} {size}x{size}: multires vs hand-written outputs, relative error {error:.1e}",
+        flush=True,
+    )
+    if error > 1e-4:
+        raise SystemExit(f"{case.model}: the hand-written model computes something else (error {error:.1e}).")
+    rows = []
+    for mode in ("inference", "train_step"):
+        warmup = {which: timer.run(mode, 1) for which, timer in timers.items()}
+        seconds: dict[str, list[float]] = {"multires": [], "hand": []}
+        for round_ in range(rounds):
+            order = ("multires", "hand") if round_ % 2 == 0 else ("hand", "multires")
+            for which in order:
+                seconds[which].append(timers[which].run(mode, iters))
+        speed = {k: batch * iters / statistics.median(v) for k, v in seconds.items()}
+        row = Row(
+            case.model,
+            size,
+            batch,
+            mode,
+            speed["multires"],
+            speed["hand"],
+            warmup["multires"],
+            warmup["hand"],
+        )
+        print(_format(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def _format(row: Row) -> str:
+    return (
+        f"{row.model:>13} {row.size:>3}px b{row.batch:<3} {row.mode:<10} "
+        f"multires {row.multires:8.1f} img/s  hand {row.hand:8.1f} img/s  ratio {row.ratio:.3f}  "
+        f"(first call {row.first_call_s:.1f}s / {row.hand_first_call_s:.1f}s)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke run: batch 4, 64x64 images, 1 round")
+    parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=sorted(CASES))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median taken)")
+    parser.add_argument("--iters", type=int, default=3, help="steps per round")
+    parser.add_argument(
+        "--precision",
+        choices=("highest", "default"),
+        default="highest",
+        help="conv/matmul precision of both models: 'highest' is exact float32 (multires' default), "
+        "'default' lets GPUs use TF32",
+    )
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    batch, rounds, iters = (4, 1, 1) if args.quick else (args.batch, args.rounds, args.iters)
+    precision = None if args.precision == "default" else args.precision
+    devices = ", ".join(str(d) for d in jax.devices())
+    print(
+        f"JAX {jax.__version__}, Flax {flax.__version__}, optax {optax.__version__}, devices: {devices}, "
+        f"{os.cpu_count()} CPUs, precision {args.precision}"
+    )
+    rows = []
+    for name in args.models:
+        case = CASES[name]
+        rows += bench(case, batch, 64 if args.quick else case.size, rounds, iters, precision)
+    print("\nratio multires / hand-written (target >= 0.97):")
+    for row in rows:
+        print(_format(row))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump([asdict(r) | {"ratio": r.ratio} for r in rows], handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

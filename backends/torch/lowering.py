@@ -1,0 +1,327 @@
+"""Lowering a spec Graph to a `torch.fx.GraphModule`: one small function per node type.
+
+`build` walks the graph once and emits an `fx.Graph`: a `call_module` node per layer (the
+module sits at the node's dotted name, so `model.layer1[0].conv1` is an `nn.Conv2d`) and a
+`call_function` node for additions, flattening and explicit padding. `fx` generates a plain
+Python `forward` from it, so the model has no per-call interpreter loop and works with
+`torch.compile`, `torch.export` and `channels_last` like a hand-written one.
+
+How spec semantics map onto PyTorch:
+
+- Symmetric padding is the layer's own `padding`; asymmetric per-side padding is an explicit
+  `F.pad` before the layer: zeros for convolution and average pooling, -inf for max pooling
+  (so padding never wins the max).
+- Average pooling with asymmetric padding and `count_include_pad=False` divides window sums by
+  the number of real pixels in each window (`AsymmetricAvgPool2d`).
+- BatchNorm's eps and momentum are PyTorch's convention already and are copied unchanged.
+- ReLU is in place where that cannot change any other value or gradient (see `_can_overwrite`).
+- `layout="NHWC"`: the input is permuted to NCHW at entry and 4-D outputs back at exit; the
+  weights are unchanged. Flatten is always channel-major, as the spec defines it.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from multires.errors import ShapeError
+from multires.graph import (
+    Add,
+    AvgPool2d,
+    BatchNorm,
+    Conv2d,
+    Dense,
+    Flatten,
+    GlobalAvgPool,
+    Graph,
+    MaxPool2d,
+    Node,
+    Padding,
+    ReLU,
+)
+from multires.shapes import Shape, check_layout, infer_shapes
+
+LAYOUTS = ("NCHW", "NHWC")
+
+_FRESH_OUTPUT = (Conv2d, BatchNorm, Add, MaxPool2d, AvgPool2d, GlobalAvgPool, Dense)
+"""Node types whose output is a new tensor that their own backward does not need."""
+
+
+class LoweringContext:
+    """What a lowering function needs: the fx graph being emitted, the modules made so far and
+    the spec's shapes (NCHW; spatial sizes unknown)."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.spec = graph
+        self.fx_graph = fx.Graph()
+        self.modules: dict[str, nn.Module] = {}
+        self.shapes: dict[str, Shape] = infer_shapes(graph)
+
+    def channels(self, name: str) -> int:
+        """Channels (or features) of the value named `name`; None for a Flatten of unknown size."""
+        return self.shapes[name][1]
+
+    def call_module(self, node: Node, module: nn.Module, *args: fx.Node) -> fx.Node:
+        """Install `module` at the node's dotted name and call it."""
+        self.modules[node.name] = module
+        return self.fx_graph.call_module(node.name, args)
+
+    def call_function(self, name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
+        """Call a torch function; `name` (dots allowed) names its result in the generated code."""
+        return self.fx_graph.create_node("call_function", function, args, kwargs, name=name)
+
+    def pad(
+        self, node: Conv2d | MaxPool2d | AvgPool2d, x: fx.Node, value: float
+    ) -> tuple[tuple[int, int], fx.Node]:
+        """The layer padding `(ph, pw)` to use and its input: symmetric padding stays on the layer,
+        asymmetric padding becomes an explicit `F.pad` with `value`."""
+        (top, bottom), (left, right) = node.padding
+        if top == bottom and left == right:
+            return (top, left), x
+        x = self.call_function(f"{node.name}.pad", F.pad, x, (left, right, top, bottom), value=value)
+        return (0, 0), x
+
+    def can_overwrite(self, name: str) -> bool:
+        """True if the value `name` may be modified in place by its (only) consumer.
+
+        It must be a node's fresh output (not a graph input, which is the caller's tensor, nor a
+        view such as Flatten's), read by nothing else, not a graph output, and not saved by its
+        producer's backward (ReLU's is).
+        """
+        producer = self.spec.by_name.get(name)
+        return (
+            isinstance(producer, _FRESH_OUTPUT)
+            and len(self.spec.consumers[name]) == 1
+            and name not in self.spec.outputs
+        )
+
+
+Lowering = Callable[[LoweringContext, Node, list[fx.Node]], fx.Node]
+LOWERINGS: dict[type[Node], Lowering] = {}
+"""Spec node type -> the function that emits it into the fx graph."""
+
+
+def lowers(node_type: type[Node]) -> Callable[[Lowering], Lowering]:
+    """Register the lowering of `node_type`; registering a type twice is an error."""
+
+    def register(function: Lowering) -> Lowering:
+        if node_type in LOWERINGS:
+            raise ValueError(
+                f"{node_type.__name__} already has a torch lowering ({LOWERINGS[node_type].__name__})."
+            )
+        LOWERINGS[node_type] = function
+        return function
+
+    return register
+
+
+@lowers(Conv2d)
+def _conv2d(ctx: LoweringContext, node: Conv2d, inputs: list[fx.Node]) -> fx.Node:
+    padding, x = ctx.pad(node, inputs[0], 0.0)
+    conv = nn.Conv2d(
+        ctx.channels(node.inputs[0]),
+        node.out_channels,
+        node.kernel,
+        stride=node.stride,
+        padding=padding,
+        dilation=node.dilation,
+        groups=node.groups,
+        bias=node.bias,
+    )
+    return ctx.call_module(node, conv, x)
+
+
+@lowers(BatchNorm)
+def _batchnorm(ctx: LoweringContext, node: BatchNorm, inputs: list[fx.Node]) -> fx.Node:
+    bn = nn.BatchNorm2d(ctx.channels(node.inputs[0]), eps=node.eps, momentum=node.momentum)
+    return ctx.call_module(node, bn, inputs[0])
+
+
+@lowers(ReLU)
+def _relu(ctx: LoweringContext, node: ReLU, inputs: list[fx.Node]) -> fx.Node:
+    return ctx.call_module(node, nn.ReLU(inplace=ctx.can_overwrite(node.inputs[0])), inputs[0])
+
+
+@lowers(Add)
+def _add(ctx: LoweringContext, node: Add, inputs: list[fx.Node]) -> fx.Node:
+    total = inputs[0]
+    for other in inputs[1:]:
+        total = ctx.call_function(node.name, operator.add, total, other)
+    return total
+
+
+@lowers(MaxPool2d)
+def _maxpool2d(ctx: LoweringContext, node: MaxPool2d, inputs: list[fx.Node]) -> fx.Node:
+    padding, x = ctx.pad(node, inputs[0], float("-inf"))
+    return ctx.call_module(node, nn.MaxPool2d(node.kernel, node.stride, padding), x)
+
+
+@lowers(AvgPool2d)
+def _avgpool2d(ctx: LoweringContext, node: AvgPool2d, inputs: list[fx.Node]) -> fx.Node:
+    (top, bottom), (left, right) = node.padding
+    if not node.count_include_pad and (top != bottom or left != right):
+        return ctx.call_module(node, AsymmetricAvgPool2d(node.kernel, node.stride, node.padding), inputs[0])
+    padding, x = ctx.pad(node, inputs[0], 0.0)
+    pool = nn.AvgPool2d(node.kernel, node.stride, padding, count_include_pad=node.count_include_pad)
+    return ctx.call_module(node, pool, x)
+
+
+@lowers(GlobalAvgPool)
+def _global_avgpool(ctx: LoweringContext, node: GlobalAvgPool, inputs: list[fx.Node]) -> fx.Node:
+    return ctx.call_module(node, nn.AdaptiveAvgPool2d((1, 1)), inputs[0])
+
+
+@lowers(Flatten)
+def _flatten(ctx: LoweringContext, node: Flatten, inputs: list[fx.Node]) -> fx.Node:
+    return ctx.call_function(node.name, torch.flatten, inputs[0], 1)
+
+
+@lowers(Dense)
+def _dense(ctx: LoweringContext, node: Dense, inputs: list[fx.Node]) -> fx.Node:
+    features = ctx.channels(node.inputs[0])
+    # A Flatten of a spatial map has an image-size-dependent width: LazyLinear takes it from the
+    # first input or from the loaded weights.
+    linear = (
+        nn.LazyLinear(node.out_features, node.bias)
+        if features is None
+        else nn.Linear(features, node.out_features, node.bias)
+    )
+    return ctx.call_module(node, linear, inputs[0])
+
+
+class AsymmetricAvgPool2d(nn.Module):
+    """Average pooling with per-side padding whose divisor counts only real (unpadded) pixels.
+
+    `nn.AvgPool2d` pads symmetrically, and padding explicitly first would make the padded zeros
+    count; this divides the window sums of the padded input by those of a padded mask of ones.
+    """
+
+    def __init__(self, kernel: tuple[int, int], stride: tuple[int, int], padding: Padding) -> None:
+        super().__init__()
+        self.kernel_size = kernel
+        self.stride = stride
+        self.padding = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (top, bottom), (left, right) = self.padding
+        pad = (left, right, top, bottom)
+        sums = F.avg_pool2d(F.pad(x, pad), self.kernel_size, self.stride, divisor_override=1)
+        ones = x.new_ones((1, 1, x.shape[2], x.shape[3]))
+        counts = F.avg_pool2d(F.pad(ones, pad), self.kernel_size, self.stride, divisor_override=1)
+        return sums / counts
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, count_include_pad=False"
+
+
+class InputCheck(nn.Module):
+    """Raises multires.ShapeError unless the input is 4-D with the right channel count in `layout`.
+
+    A cheap guard in the generated forward, so a model used outside a Runner still fails with a
+    message naming the expected shape instead of a convolution error deep inside the network.
+    """
+
+    def __init__(self, graph_name: str, input_name: str, channels: int, layout: str) -> None:
+        super().__init__()
+        self.graph_name = graph_name
+        self.input_name = input_name
+        self.channels = channels
+        self.layout = layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axis, other_axis = (1, 3) if self.layout == "NCHW" else (3, 1)
+        if x.dim() != 4 or x.shape[axis] != self.channels:
+            expected = (
+                f"(N, {self.channels}, H, W)" if self.layout == "NCHW" else f"(N, H, W, {self.channels})"
+            )
+            hint = ""
+            if x.dim() == 4 and x.shape[other_axis] == self.channels:
+                other = "NHWC" if self.layout == "NCHW" else "NCHW"
+                hint = f" It looks like {other}: transpose it or build the model with layout={other!r}."
+            raise ShapeError(
+                f"{self.graph_name}: input {self.input_name!r} expects shape {expected} in {self.layout}; "
+                f"got {tuple(x.shape)}.{hint}"
+            )
+        return x
+
+    def extra_repr(self) -> str:
+        expected = "(N, C, H, W)" if self.layout == "NCHW" else "(N, H, W, C)"
+        return f"{expected}, C={self.channels}"
+
+
+def build(graph: Graph, layout: str = "NCHW") -> fx.GraphModule:
+    """A `torch.nn.Module` computing `graph` on `layout` inputs, with freshly initialised weights.
+
+    The result is an `fx.GraphModule` whose submodules mirror the spec's dotted names (numeric
+    segments become `nn.ModuleList` entries, as torchvision's `layer1[0]`); its state_dict keys
+    are the canonical weight names plus BatchNorm's `num_batches_tracked` counters.
+    """
+    layout = check_layout(layout)
+    ctx = LoweringContext(graph)
+    values: dict[str, fx.Node] = {}
+    for spec_input in graph.inputs:
+        x = ctx.fx_graph.placeholder(spec_input.name)
+        check = _free_name(graph, f"{spec_input.name}_check")
+        ctx.modules[check] = InputCheck(graph.name, spec_input.name, spec_input.channels, layout)
+        x = ctx.fx_graph.call_module(check, (x,))
+        if layout == "NHWC":
+            x = ctx.fx_graph.call_method("permute", (x, 0, 3, 1, 2))
+        values[spec_input.name] = x
+    for node in graph.nodes:
+        values[node.name] = LOWERINGS[type(node)](ctx, node, [values[s] for s in node.inputs])
+    outputs = []
+    for name in graph.outputs:
+        value = values[name]
+        if layout == "NHWC" and len(ctx.shapes[name]) == 4:
+            value = ctx.fx_graph.call_method("permute", (value, 0, 2, 3, 1))
+        outputs.append(value)
+    ctx.fx_graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+    root = _assemble(ctx.modules)
+    model = fx.GraphModule(root, ctx.fx_graph, class_name=_class_name(graph.name))
+    # GraphModule re-creates intermediate containers as bare Modules; keep ours (ModuleLists).
+    for name, child in root.named_children():
+        setattr(model, name, child)
+    return model
+
+
+def _free_name(graph: Graph, name: str) -> str:
+    """`name`, with underscores appended until no spec node uses it as its first segment."""
+    taken = {node.name.split(".")[0] for node in graph.nodes} | {i.name for i in graph.inputs}
+    while name in taken:
+        name += "_"
+    return name
+
+
+def _assemble(modules: dict[str, nn.Module]) -> nn.Module:
+    """A module tree with each module at its dotted path; containers whose children are
+    numbered 0..n-1 are `nn.ModuleList`s."""
+    tree: dict[str, Any] = {}
+    for path, module in modules.items():
+        *parents, leaf = path.split(".")
+        branch = tree
+        for part in parents:
+            branch = branch.setdefault(part, {})
+        branch[leaf] = module
+
+    def make(branch: dict[str, Any]) -> nn.Module:
+        children = {k: v if isinstance(v, nn.Module) else make(v) for k, v in branch.items()}
+        if all(k.isdigit() for k in children) and sorted(map(int, children)) == list(range(len(children))):
+            return nn.ModuleList(children[str(i)] for i in range(len(children)))
+        container = nn.Module()
+        for key, child in children.items():
+            container.add_module(key, child)
+        return container
+
+    return make(tree)
+
+
+def _class_name(graph_name: str) -> str:
+    """The graph's name as a Python identifier, shown by `print(model)`."""
+    name = re.sub(r"\W", "_", graph_name)
+    return name if name.isidentifier() else f"Net_{name}"

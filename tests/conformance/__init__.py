@@ -1,0 +1,1 @@
+"""The cross-backend conformance suite: pytest tests/conformance --backend NAME."""

@@ -1,0 +1,253 @@
+"""The graphs the conformance suite runs, each with its input shape and seeds.
+
+`MODELS`: zoo models at small images. 32x32 (64x64 for d2l_resnet18, whose global pool then
+averages a 2x2 map) with batch 4, so every BatchNorm normalises over at least 4 values per
+channel; 10 classes. `DEEP`: the deepest ResNets, eval mode only (their float64 backward would
+dominate the suite's time). `NODES`: small per-node-type graphs that catch the classic porting
+traps; each puts the trap between a convolution (so the SGD step checks the gradient through it)
+and a Flatten + Dense head (Flatten straight after a spatial map: channel-major order in every
+layout). Spatial sizes are rectangular where possible, so swapped H and W show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import multires
+from multires import (
+    Add,
+    AvgPool2d,
+    BatchNorm,
+    Conv2d,
+    Dense,
+    Flatten,
+    GlobalAvgPool,
+    Graph,
+    Input,
+    MaxPool2d,
+    Node,
+    ReLU,
+)
+
+from .helpers import Case
+
+MODELS = [
+    Case("resnet18", partial(multires.spec, "resnet18", num_classes=10), (4, 3, 32, 32)),
+    Case("resnet34", partial(multires.spec, "resnet34", num_classes=10), (4, 3, 32, 32), seed=1),
+    Case("resnet50", partial(multires.spec, "resnet50", num_classes=10), (4, 3, 32, 32), seed=2),
+    Case(
+        "preact_resnet18", partial(multires.spec, "preact_resnet18", num_classes=10), (4, 3, 32, 32), seed=3
+    ),
+    Case(
+        "resnext50_32x4d", partial(multires.spec, "resnext50_32x4d", num_classes=10), (4, 3, 32, 32), seed=4
+    ),
+    Case("d2l_resnet18", partial(multires.spec, "d2l_resnet18"), (4, 1, 64, 64), seed=5),
+    Case(
+        "wide_resnet50_2", partial(multires.spec, "wide_resnet50_2", num_classes=10), (4, 3, 32, 32), seed=6
+    ),
+]
+DEEP = [
+    Case(
+        "resnet101",
+        partial(multires.spec, "resnet101", num_classes=10),
+        (2, 3, 32, 32),
+        seed=7,
+        eval_only=True,
+    ),
+    Case(
+        "resnet152",
+        partial(multires.spec, "resnet152", num_classes=10),
+        (2, 3, 32, 32),
+        seed=8,
+        eval_only=True,
+    ),
+]
+
+
+def _graph(name: str, channels: int, body: Sequence[Node], head: bool = True, bias: bool = True) -> Graph:
+    """`body` read from input `x`, then (with `head`) Flatten + Dense(5) on its last node."""
+    nodes = list(body)
+    if head:
+        nodes += [Flatten("flatten", nodes[-1].name), Dense("fc", "flatten", out_features=5, bias=bias)]
+    return Graph(name, Input("x", channels), tuple(nodes), nodes[-1].name)
+
+
+def _pool_graph(name: str, pool: Node) -> Graph:
+    return _graph(name, 3, [Conv2d("conv", "x", out_channels=4, kernel=3, padding=1), pool])
+
+
+NODES = [
+    Case(
+        "conv_asymmetric_padding",
+        lambda: _graph(
+            "conv_asymmetric_padding",
+            3,
+            [Conv2d("conv", "x", out_channels=4, kernel=3, padding=((0, 1), (2, 1)), bias=True)],
+        ),
+        (4, 3, 7, 9),
+    ),
+    Case(
+        "conv_dilation",
+        lambda: _graph(
+            "conv_dilation",
+            3,
+            [Conv2d("conv", "x", out_channels=4, kernel=3, dilation=(2, 3), padding=((2, 2), (3, 3)))],
+        ),
+        (4, 3, 9, 11),
+    ),
+    Case(
+        "conv_groups",
+        lambda: _graph(
+            "conv_groups",
+            4,
+            [
+                Conv2d("grouped", "x", out_channels=6, kernel=3, padding=1, groups=2),
+                Conv2d("depthwise", "grouped", out_channels=6, kernel=3, padding=1, groups=6, bias=True),
+            ],
+        ),
+        (4, 4, 6, 7),
+    ),
+    Case(
+        "conv_stride2_even_input",
+        lambda: _graph(
+            "conv_stride2_even_input",
+            3,
+            [
+                Conv2d("conv3x3", "x", out_channels=4, kernel=3, stride=2, padding=1),
+                Conv2d("conv1x1", "conv3x3", out_channels=4, kernel=1, stride=2),
+            ],
+        ),
+        (4, 3, 8, 12),
+    ),
+    Case(
+        "conv_rectangular_kernel",
+        lambda: _graph(
+            "conv_rectangular_kernel",
+            3,
+            [Conv2d("conv", "x", out_channels=4, kernel=(1, 3), stride=(2, 1), padding=((0, 0), (1, 1)))],
+        ),
+        (4, 3, 8, 6),
+    ),
+    Case(
+        "maxpool_padding_negative_inputs",
+        lambda: _graph(
+            "maxpool_padding_negative_inputs", 3, [MaxPool2d("pool", "x", kernel=3, stride=2, padding=1)]
+        ),
+        (4, 3, 7, 8),
+        negative=True,
+    ),
+    Case(
+        "maxpool_asymmetric_padding_negative_inputs",
+        lambda: _graph(
+            "maxpool_asymmetric_padding_negative_inputs",
+            3,
+            [MaxPool2d("pool", "x", kernel=(3, 2), stride=2, padding=((0, 1), (1, 0)))],
+        ),
+        (4, 3, 7, 8),
+        negative=True,
+    ),
+    Case(
+        "maxpool_after_conv",
+        lambda: _pool_graph("maxpool_after_conv", MaxPool2d("pool", "conv", kernel=3, stride=2, padding=1)),
+        (4, 3, 8, 9),
+    ),
+    Case(
+        "avgpool_count_include_pad",
+        lambda: _pool_graph(
+            "avgpool_count_include_pad", AvgPool2d("pool", "conv", kernel=3, stride=2, padding=1)
+        ),
+        (4, 3, 8, 9),
+    ),
+    Case(
+        "avgpool_exclude_pad",
+        lambda: _pool_graph(
+            "avgpool_exclude_pad",
+            AvgPool2d("pool", "conv", kernel=3, stride=2, padding=1, count_include_pad=False),
+        ),
+        (4, 3, 8, 9),
+    ),
+    Case(
+        "avgpool_asymmetric_include_pad",
+        lambda: _pool_graph(
+            "avgpool_asymmetric_include_pad",
+            AvgPool2d("pool", "conv", kernel=(2, 3), stride=(2, 1), padding=((1, 0), (0, 1))),
+        ),
+        (4, 3, 7, 8),
+    ),
+    Case(
+        "avgpool_asymmetric_exclude_pad",
+        lambda: _pool_graph(
+            "avgpool_asymmetric_exclude_pad",
+            AvgPool2d(
+                "pool",
+                "conv",
+                kernel=(2, 3),
+                stride=(2, 1),
+                padding=((1, 0), (0, 1)),
+                count_include_pad=False,
+            ),
+        ),
+        (4, 3, 7, 8),
+    ),
+    Case(
+        "flatten_after_spatial_map",
+        lambda: _graph("flatten_after_spatial_map", 3, [Conv2d("conv", "x", out_channels=3, kernel=1)]),
+        (4, 3, 5, 7),
+    ),
+    Case(
+        "dense_without_bias",
+        lambda: _graph(
+            "dense_without_bias",
+            3,
+            [Conv2d("conv", "x", out_channels=4, kernel=3), GlobalAvgPool("gap", "conv")],
+            bias=False,
+        ),
+        (4, 3, 6, 7),
+    ),
+    Case(
+        "batchnorm_eps_momentum",
+        lambda: _graph(
+            "batchnorm_eps_momentum",
+            3,
+            [
+                Conv2d("conv", "x", out_channels=4, kernel=3, padding=1),
+                BatchNorm("bn", "conv", eps=0.5, momentum=0.3),
+                ReLU("relu", "bn"),
+            ],
+        ),
+        (4, 3, 5, 6),
+    ),
+    Case(
+        "add_three_branches",
+        lambda: _graph(
+            "add_three_branches",
+            3,
+            [
+                Conv2d("a", "x", out_channels=4, kernel=3, padding=1),
+                Conv2d("b", "x", out_channels=4, kernel=1),
+                ReLU("relu", "a"),
+                Add("add", ("relu", "b", "a")),
+                ReLU("out", "add"),
+            ],
+        ),
+        (4, 3, 5, 6),
+    ),
+]
+
+
+SPATIAL = Case(
+    "spatial_output",
+    lambda: _graph(
+        "spatial_output",
+        3,
+        [
+            Conv2d("conv", "x", out_channels=4, kernel=3, stride=2, padding=((1, 0), (0, 1))),
+            BatchNorm("bn", "conv"),
+            ReLU("relu", "bn"),
+        ],
+        head=False,
+    ),
+    (4, 3, 8, 10),
+)
+"""A graph whose output is a 4-D map, returned in the runner's layout."""

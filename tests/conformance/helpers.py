@@ -1,0 +1,237 @@
+"""Cases, reference results and comparisons shared by the conformance tests.
+
+Tolerances. The reference computes in float64; a backend in float32 carries rounding errors of
+about 1e-6 relative in every layer's output. Eval-mode outputs are well conditioned, so they must
+match to `OUTPUT_RTOL` (1e-4) relative. Training mode is not always: BatchNorm over few values
+per channel (deep stages at small test images) amplifies rounding, and ReLU / max-pool gradients
+jump where a value sits within rounding of a kink. So every training-mode comparison also allows
+`NOISE_FACTOR` (10) times how much the *reference itself* moves when its inputs and weights are
+perturbed by `NOISE` (1e-6 relative, the rounding a float32 layer output carries): a
+well-conditioned case (all per-node-type cases, resnet18) is held to the plain tolerance, and an
+ill-conditioned one is held to what float32 can reproduce at all. Measured with the torch backend:
+its errors stayed at or below 1x the reference's own noise, on every case.
+
+Weight deltas (new - old) after one SGD step are compared per tensor to `DELTA_RTOL` (1e-3) of
+that tensor's largest delta: float32 gradients summed over a batch of feature maps carry
+relative errors of about 1e-4 (measured up to 6e-4 on resnet18), while a wrong gradient is off
+by O(1). `DELTA_ATOL` (1e-5 of the largest delta of any tensor) covers tensors whose exact
+gradient is zero, such as the bias of a convolution feeding a training-mode BatchNorm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+import multires
+from multires import reference
+from multires.backend import SGD
+from multires.shapes import infer_shapes, to_layout
+from multires.weights import is_buffer
+
+OUTPUT_RTOL = 1e-4
+WEIGHT_RTOL = 1e-4
+DELTA_RTOL = 1e-3
+DELTA_ATOL = 1e-5
+NOISE = 1e-6
+NOISE_FACTOR = 10.0
+SGD_LR = SGD(lr=0.1)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A graph with a seeded batch, labels and random canonical weights."""
+
+    id: str
+    make_graph: Callable[[], multires.Graph] = field(compare=False)
+    input_shape: tuple[int, int, int, int]
+    seed: int = 0
+    negative: bool = False
+    """Inputs all below zero (max-pool padding must never win)."""
+    eval_only: bool = False
+    """Checked in eval mode only (the deepest models, whose float64 backward is slow)."""
+
+    @cached_property
+    def graph(self) -> multires.Graph:
+        return self.make_graph()
+
+    @cached_property
+    def x(self) -> np.ndarray:
+        """The NCHW float32 batch."""
+        x = np.random.default_rng(self.seed).standard_normal(self.input_shape).astype(np.float32)
+        return -np.abs(x) - 0.5 if self.negative else x
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        (out,) = self.graph.outputs
+        classes = infer_shapes(self.graph, self.input_shape)[out][1]
+        return np.random.default_rng(self.seed + 1).integers(0, classes, self.input_shape[0])
+
+    def make_weights(self) -> dict[str, np.ndarray]:
+        """Random canonical weights (BatchNorm statistics included), reproducible from the seed."""
+        return multires.random_weights(self.graph, seed=self.seed, input_shape=self.input_shape)
+
+    def x_in(self, layout: str) -> np.ndarray:
+        """The batch in `layout`."""
+        return np.ascontiguousarray(self.x.transpose(0, 2, 3, 1) if layout == "NHWC" else self.x)
+
+    def output_shape(self, layout: str) -> tuple[int, ...]:
+        (out,) = self.graph.outputs
+        return tuple(to_layout(infer_shapes(self.graph, self.input_shape)[out], layout))
+
+
+class Oracle:
+    """Reference results for one case, each computed once: on the case's own inputs and weights,
+    and on a perturbed copy that measures how much float32 rounding can move them."""
+
+    def __init__(self, case: Case) -> None:
+        self.case = case
+
+    @cached_property
+    def weights(self) -> dict[str, np.ndarray]:
+        return self.case.make_weights()
+
+    @cached_property
+    def _perturbed(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        rng = np.random.default_rng(12345)
+        x = self.case.x.astype(np.float64)
+        x = x * (1 + NOISE * rng.standard_normal(x.shape))
+        weights = {
+            k: v.astype(np.float64) * (1 + NOISE * rng.standard_normal(v.shape))
+            for k, v in self.weights.items()
+        }
+        return x, weights
+
+    @cached_property
+    def eval_output(self) -> np.ndarray:
+        return reference.run(self.case.graph, self.weights, self.case.x)
+
+    @cached_property
+    def training(self) -> reference.Forward:
+        return reference.forward(self.case.graph, self.weights, self.case.x, training=True)
+
+    @cached_property
+    def training_perturbed(self) -> reference.Forward:
+        x, weights = self._perturbed
+        return reference.forward(self.case.graph, weights, x, training=True)
+
+    @cached_property
+    def sgd(self) -> dict[str, np.ndarray]:
+        """New weights (float64) after one SGD step with `SGD_LR`."""
+        return reference.sgd_step(self.case.graph, self.weights, self.case.x, self.case.labels, SGD_LR)[1]
+
+    @cached_property
+    def sgd_perturbed_noise(self) -> dict[str, float]:
+        """Per tensor, the largest change of the reference's weight delta under the perturbation."""
+        x, weights = self._perturbed
+        new = reference.sgd_step(self.case.graph, weights, x, self.case.labels, SGD_LR)[1]
+        return {
+            k: float(np.max(np.abs((new[k] - weights[k]) - (self.sgd[k] - self.weights[k])))) for k in new
+        }
+
+
+def to_layout_array(value: np.ndarray, layout: str) -> np.ndarray:
+    """A reference (NCHW) array as the backend returns it in `layout`."""
+    return value.transpose(0, 2, 3, 1) if layout == "NHWC" and value.ndim == 4 else value
+
+
+def _worst(problems: list[tuple[float, str]], what: str) -> str:
+    problems.sort(reverse=True)
+    lines = [line for _, line in problems[:8]]
+    more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+    return f"{what}: {len(problems)} tensor(s) out of tolerance:\n  " + "\n  ".join(lines) + more
+
+
+def assert_output(actual: np.ndarray, expected: np.ndarray, layout: str, what: str) -> None:
+    """Eval-mode output within OUTPUT_RTOL (relative to its largest value) of the reference."""
+    expected = to_layout_array(expected, layout)
+    assert np.shape(actual) == expected.shape, f"{what}: shape {np.shape(actual)}, expected {expected.shape}"
+    error = reference.relative_error(actual, expected)
+    assert error <= OUTPUT_RTOL, f"{what}: relative error {error:.2e} > {OUTPUT_RTOL:.0e}"
+
+
+def assert_noisy(
+    actual: Mapping[str, np.ndarray],
+    expected: Mapping[str, np.ndarray],
+    perturbed: Mapping[str, np.ndarray],
+    rtol: float,
+    what: str,
+) -> None:
+    """Each tensor within `rtol` of its largest reference value plus NOISE_FACTOR times the
+    reference's own change under the perturbation (see the module docstring)."""
+    assert sorted(actual) == sorted(expected), (
+        f"{what}: names differ: missing {sorted(set(expected) - set(actual))}, "
+        f"unexpected {sorted(set(actual) - set(expected))}"
+    )
+    problems = []
+    for name, value in expected.items():
+        value = np.asarray(value, dtype=np.float64)
+        got = np.asarray(actual[name], dtype=np.float64)
+        assert got.shape == value.shape, f"{what}: {name} has shape {got.shape}, expected {value.shape}"
+        scale = float(np.max(np.abs(value), initial=0.0))
+        noise = float(np.max(np.abs(np.asarray(perturbed[name]) - value), initial=0.0))
+        tolerance = rtol * scale + NOISE_FACTOR * noise
+        error = float(np.max(np.abs(got - value), initial=0.0))
+        if not error <= tolerance:
+            problems.append(
+                (
+                    error / max(tolerance, 1e-30),
+                    f"{name}: max error {error:.2e} > tolerance {tolerance:.2e} "
+                    f"(scale {scale:.2e}, reference noise {noise:.2e})",
+                )
+            )
+    assert not problems, _worst(problems, what)
+
+
+def assert_loss(loss: float, oracle: Oracle, what: str) -> None:
+    """The loss of a training step matches the reference's on the training-mode logits."""
+    (name,) = oracle.case.graph.outputs
+    labels = oracle.case.labels
+    expected, _ = reference.softmax_cross_entropy(oracle.training.outputs[name], labels)
+    perturbed, _ = reference.softmax_cross_entropy(oracle.training_perturbed.outputs[name], labels)
+    assert_noisy(
+        {"loss": np.array(loss)}, {"loss": np.array(expected)}, {"loss": np.array(perturbed)}, 1e-4, what
+    )
+
+
+def assert_sgd_step(actual: Mapping[str, np.ndarray], oracle: Oracle) -> None:
+    """Updated weights and running statistics match the reference's SGD step, and so do the
+    weight deltas, which isolate the gradients (see the module docstring for the tolerances)."""
+    old = oracle.weights
+    expected = oracle.sgd
+    assert sorted(actual) == sorted(expected), (
+        f"weights after the step: names differ: missing {sorted(set(expected) - set(actual))}, "
+        f"unexpected {sorted(set(actual) - set(expected))}"
+    )
+    noise = oracle.sgd_perturbed_noise
+    deltas = {k: expected[k] - old[k] for k in expected}
+    largest = max(float(np.max(np.abs(d), initial=0.0)) for k, d in deltas.items() if not is_buffer(k))
+    weight_problems, delta_problems = [], []
+    for name, new in expected.items():
+        got = np.asarray(actual[name], dtype=np.float64)
+        assert got.shape == new.shape, f"{name}: shape {got.shape}, expected {new.shape}"
+        allowance = NOISE_FACTOR * noise[name]
+        error = float(np.max(np.abs(got - new), initial=0.0))
+        tolerance = WEIGHT_RTOL * float(np.max(np.abs(new), initial=0.0)) + allowance
+        if not error <= tolerance:
+            weight_problems.append(
+                (error / max(tolerance, 1e-30), f"{name}: max error {error:.2e} > {tolerance:.2e}")
+            )
+        if is_buffer(name):
+            continue
+        delta_error = float(np.max(np.abs((got - old[name]) - deltas[name]), initial=0.0))
+        delta_scale = float(np.max(np.abs(deltas[name]), initial=0.0))
+        delta_tolerance = DELTA_RTOL * delta_scale + DELTA_ATOL * largest + allowance
+        if not delta_error <= delta_tolerance:
+            delta_problems.append(
+                (
+                    delta_error / max(delta_tolerance, 1e-30),
+                    f"{name}: delta error {delta_error:.2e} > {delta_tolerance:.2e} (largest delta {delta_scale:.2e}, "
+                    f"reference noise {noise[name]:.2e})",
+                )
+            )
+    assert not weight_problems, _worst(weight_problems, "weights after one SGD step")
+    assert not delta_problems, _worst(delta_problems, "weight deltas of one SGD step (gradients)")

@@ -19,7 +19,7 @@ from multires.graph import Graph
 
 from .lowering import LAYOUTS, LOWERINGS, build
 from .runner import TorchRunner
-from .weights import export_weights, from_state_dict, load_weights
+from .weights import CHECKPOINT_RENAMES, export_weights, from_state_dict, load_weights
 
 NAME = "torch"
 FRAMEWORK_MODULES = ("torch",)
@@ -31,6 +31,7 @@ def make_runner(graph: Graph, weights: Mapping[str, np.ndarray], layout: str, op
 
 
 __all__ = [
+    "CHECKPOINT_RENAMES",
     "FRAMEWORK_MODULES",
     "LAYOUTS",
     "LOWERINGS",

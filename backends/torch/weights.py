@@ -7,22 +7,24 @@ is the identity apart from BatchNorm's `num_batches_tracked` counter:
 - `export_weights` leaves it out: it is not part of the network's function (it only matters
   for `momentum=None`, a cumulative average, and a spec always gives a momentum).
 - `load_weights` resets it to 0, so loading the same weights always gives the same state_dict.
-- `from_state_dict` drops it from foreign state_dicts.
+- `from_state_dict` drops it from checkpoints.
 
-Rename table for published PyTorch checkpoints (`from_state_dict(state_dict, prefix)`):
+Rename table for published PyTorch checkpoints (`CHECKPOINT_RENAMES`, used by
+`from_state_dict(state_dict, CHECKPOINT_RENAMES[family])`):
 
-| zoo models                                        | checkpoint keys        | prefix   |
-|---------------------------------------------------|------------------------|----------|
-| resnet*, resnext*, wide_resnet* (torchvision)     | torchvision's keys     | `""`     |
-| d2l_resnet* (d2l.ai `ResNet`)                     | d2l's keys             | `"net."` |
+| zoo models                                    | checkpoint                   | key prefix renames            |
+|-----------------------------------------------|------------------------------|-------------------------------|
+| resnet*, resnext*, wide_resnet* (torchvision) | `torchvision.models.*`       | none: the keys are canonical  |
+| d2l_resnet18, d2l_resnet (d2l.ai book)        | the book's `ResNet` module   | `net.0.` -> `b1.`, `net.` -> ``|
 
-For the torchvision family the keys are identical, so `model.load_state_dict(torchvision_sd)`
-also works directly; d2l's module keeps its layers in `self.net`, hence the prefix.
+torchvision keys are identical, so `model.load_state_dict(torchvision_state_dict)` also works
+directly. The book keeps its layers in `self.net`, a Sequential whose first entry is the stem
+`b1` (added by position, hence `net.0`) and whose later entries are added by name (`net.b2`...).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,17 +61,21 @@ def load_weights(model: nn.Module, weights: Mapping[str, Any]) -> nn.Module:
     Every missing, unexpected or misshapen entry is reported in one WeightsError. Values are
     cast to each tensor's dtype and device; BatchNorm counters are reset to 0.
     """
+    _materialize_lazy_linears(model, weights)
     state = model.state_dict()
     problems = []
     for name, tensor in state.items():
         if _is_counter(name):
             continue
+        if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+            got = f"shape {tuple(np.shape(weights[name]))}" if name in weights else "missing"
+            problems.append(f"{name}: {got}, expected (out_features, in_features) for its lazy Dense")
+            continue
         if name not in weights:
             problems.append(f"missing {name} {tuple(tensor.shape)}")
             continue
         shape = tuple(np.shape(weights[name]))
-        lazy = isinstance(tensor, nn.parameter.UninitializedTensorMixin)
-        if not lazy and shape != tuple(tensor.shape):
+        if shape != tuple(tensor.shape):
             problems.append(f"{name}: shape {shape}, expected {tuple(tensor.shape)}")
     problems += [f"unexpected {name}" for name in weights if name not in state or _is_counter(name)]
     if problems:
@@ -87,16 +93,41 @@ def load_weights(model: nn.Module, weights: Mapping[str, Any]) -> nn.Module:
     return model
 
 
-def from_state_dict(state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    """Canonical weights from a PyTorch state_dict whose keys are `prefix` + canonical name.
+def _materialize_lazy_linears(model: nn.Module, weights: Mapping[str, Any]) -> None:
+    """Replace each `nn.LazyLinear` (a Dense whose width depends on the image size) by an
+    `nn.Linear` as wide as its weight in `weights`; ill-shaped weights are left to be reported."""
+    for path, module in list(model.named_modules()):
+        if not isinstance(module, nn.LazyLinear) or not module.has_uninitialized_params():
+            continue
+        shape = np.shape(weights.get(f"{path}.weight", ()))
+        if len(shape) != 2 or shape[0] != module.out_features:
+            continue
+        linear = nn.Linear(shape[1], module.out_features, bias=module.bias is not None)
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, linear)
 
-    Keys without the prefix and BatchNorm counters are dropped; see the module docstring for the
-    prefix of each model family.
-    """
+
+CHECKPOINT_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "torchvision": (),
+    "d2l": (("net.0.", "b1."), ("net.", "")),
+}
+"""Per checkpoint family, (old prefix, new prefix) pairs mapping its keys to canonical names."""
+
+
+def from_state_dict(
+    state_dict: Mapping[str, Any], renames: Sequence[tuple[str, str]] = ()
+) -> dict[str, np.ndarray]:
+    """Canonical weights from a PyTorch state_dict: each key renamed by the first matching
+    `(old prefix, new prefix)` pair (others kept as they are), BatchNorm counters dropped,
+    values as float32 arrays."""
     weights = {}
     for key, value in state_dict.items():
-        if not key.startswith(prefix) or _is_counter(key):
+        if _is_counter(key):
             continue
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
         array = value.detach().to("cpu").numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        weights[key[len(prefix) :]] = array.astype(np.float32)
+        weights[key] = array.astype(np.float32)
     return weights

@@ -1,10 +1,12 @@
 """Lowering of spec nodes to Keras layers: one function per node type, in a table.
 
 Each lowering takes the node, the Keras tensors of its inputs and a `LoweringContext`, and
-returns the node's output tensor; `build` runs them once over the graph in the functional API. The layer holding a node's weights is named exactly as the node, so
-`model.get_layer("layer1.0.conv1")` and `model.summary()` read like the spec; helper layers a
-node needs first (explicit padding, NCHW reordering) are named `<node>.<role>`, which no other
-node can be called (a spec name is never the prefix of another).
+returns the node's output tensor; `build` runs them once over the graph in the functional API.
+The layer holding a node's weights is named exactly as the node, so
+`model.get_layer("layer1.0.conv1")` and `model.summary()` read like the spec. Helper layers a
+node needs (explicit padding, the NCHW reordering before a Flatten, the subsampling of a
+strided dilated convolution) are named `<node>.<role>`, a name no spec node can have (a spec
+name is never the prefix of another).
 """
 
 from __future__ import annotations

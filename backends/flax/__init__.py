@@ -1,12 +1,15 @@
 """The Flax (JAX) backend: a spec Graph becomes a `flax.linen.Module`, NHWC by default.
 
     >>> model = multires.build("resnet18", backend="flax")
-    >>> variables = multires.weights.load(model, canonical)        # {'params', 'batch_stats'}
-    >>> logits = model.apply(variables, x_nhwc)
+    >>> variables = multires.get_backend("flax").load_variables(model, canonical)
+    >>> logits = model.apply(variables, x_nhwc)            # or multires.weights.to_variables(canonical)
     >>> logits, updates = model.apply(variables, x_nhwc, train=True, mutable=["batch_stats"])
 
 Submodules are named by the canonical names, nested at the dots (`layer1.0.conv1` is
 `params['layer1']['0']['conv1']`); `multires.weights.to_variables` / `from_variables` convert.
+A linen Module holds no state, so `load_weights` (behind `multires.build(..., weights=...)` and
+`multires.weights.load`) returns the model bound to its variables; `bound.unbind()` gives
+`(model, variables)` back.
 `lowering` holds the per-node-type lowering table and `build`, `weights` the canonical <->
 variables glue, `runner` the `Runner`.
 """
@@ -22,7 +25,7 @@ from multires.graph import Graph
 
 from .lowering import LOWERINGS, Model, SpecBatchNorm, build
 from .runner import FlaxRunner
-from .weights import export_weights, load_weights
+from .weights import export_weights, load_variables, load_weights
 
 NAME = "flax"
 LAYOUTS = ("NHWC", "NCHW")
@@ -45,6 +48,7 @@ __all__ = [
     "SpecBatchNorm",
     "build",
     "export_weights",
+    "load_variables",
     "load_weights",
     "make_runner",
 ]

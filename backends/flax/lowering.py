@@ -299,7 +299,7 @@ class Model(nn.Module):
 
 
 def build(graph: Graph, layout: str = "NHWC", precision: Any = "highest") -> Model:
-    """The linen Module of `graph`, unbound: get variables from `model.init` or `load_weights`.
+    """The linen Module of `graph`, unbound: get variables from `model.init` or `load_variables`.
 
     `precision` applies to convolutions and dense layers; "highest" keeps float32 exact on
     accelerators (pass None for the faster TF32/bfloat16 defaults of GPUs and TPUs).

@@ -23,7 +23,7 @@ from multires.shapes import check_input_shape, from_layout, infer_shapes
 from multires.weights import from_variables, is_buffer, to_variables
 
 from .lowering import Model, build
-from .weights import Variables, export_weights, load_weights
+from .weights import Variables, export_weights, load_variables
 
 
 def sgd(optimizer: SGD) -> optax.GradientTransformation:
@@ -61,7 +61,7 @@ class FlaxRunner:
         self.model: Model = build(graph, layout)
         self.optimizer = optimizer
         self._tx = sgd(optimizer)
-        self.variables: Variables = load_weights(self.model, weights)
+        self.variables: Variables = load_variables(self.model, weights)
         self._opt_state = self._tx.init(self.variables["params"])
         self._buffered: frozenset[str] = frozenset()
         """Parameters whose momentum buffer holds a value (the others start from the gradient)."""
@@ -133,7 +133,7 @@ class FlaxRunner:
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Replace every weight (a full canonical mapping); the momentum buffers are kept."""
-        variables = load_weights(self.model, weights)
+        variables = load_variables(self.model, weights)
         if jax.tree.structure(variables) != jax.tree.structure(self.variables):
             raise WeightsError(f"weights do not match the variables of {self.graph.name!r}.")
         self.variables = variables

@@ -1,8 +1,10 @@
 """Canonical weights <-> Flax variables for models built by this backend.
 
 The mapping itself is framework-free and lives in the core (`multires.weights.to_variables` /
-`from_variables`); here it meets JAX arrays and linen modules. A linen Module holds no state, so
-`load_weights` returns the variables to pass to `model.apply` rather than a loaded model.
+`from_variables`); here it meets JAX arrays and linen modules. A linen Module holds no state:
+`load_variables` gives the variables `model.apply` takes, and `load_weights` (the backend
+contract, behind `multires.build(..., weights=...)` and `multires.weights.load`) returns the
+model bound to them, `model.bind(variables)`, from which `.unbind()` gives `(model, variables)`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from multires.weights import (
     from_variables,
     load_file,
     to_variables,
-    weight_shapes,
 )
 
 Variables = dict[str, Any]
@@ -36,33 +37,26 @@ def _graph(model: Any) -> Graph | None:
     return graph if isinstance(graph, Graph) else None
 
 
-def checkable(graph: Graph) -> bool:
-    """Whether the weight shapes of `graph` are known without an input size (a Dense after a
-    spatial Flatten depends on it; such weights are checked by the first forward pass)."""
-    try:
-        weight_shapes(graph)
-    except WeightsError:
-        return False
-    return True
-
-
-def variables_from_weights(weights: Mapping[str, Any], graph: Graph | None = None) -> Variables:
-    """Canonical weights as Flax variables of JAX arrays (checked against `graph` when given)."""
-    return jax.tree.map(jnp.asarray, to_variables(weights, graph if graph and checkable(graph) else None))
-
-
-def load_weights(model: nn.Module, weights: Mapping[str, Any] | str | os.PathLike) -> Variables:
-    """The variables of `model` holding canonical `weights` (a mapping or a weight file).
-
-    A linen Module is stateless, so this returns `{'params': ..., 'batch_stats': ...}` for
-    `model.apply(variables, x)` instead of a model; the weights are checked against the model's graph.
-    """
+def load_variables(model: nn.Module, weights: Mapping[str, Any] | str | os.PathLike) -> Variables:
+    """The variables for `model.apply` holding canonical `weights` (a mapping or a weight file),
+    checked against the model's graph: every mismatch is reported in one WeightsError."""
     graph = _graph(model)
-    if graph is not None and checkable(graph):
+    if graph is not None:
         weights = as_weights(weights, graph)
     elif isinstance(weights, (str, os.PathLike)):
         weights = load_file(weights)
-    return variables_from_weights(weights)
+    return jax.tree.map(jnp.asarray, to_variables(weights))
+
+
+def load_weights(model: nn.Module, weights: Mapping[str, Any] | str | os.PathLike) -> nn.Module:
+    """`model` bound to variables holding canonical `weights`: `bound(x)` runs it in eval mode,
+    `bound.variables` are the variables (`model, variables = bound.unbind()` for `apply`).
+
+    A model that is already bound is rebound to the new weights.
+    """
+    if model.scope is not None:
+        model, _ = model.unbind()
+    return model.bind(load_variables(model, weights))
 
 
 def export_weights(model: nn.Module | Mapping[str, Any]) -> CanonicalWeights:
@@ -77,6 +71,6 @@ def export_weights(model: nn.Module | Mapping[str, Any]) -> CanonicalWeights:
     else:
         graph, variables = None, model
     weights = from_variables(jax.device_get(variables))
-    if graph is not None and checkable(graph):
+    if graph is not None:
         check_weights(graph, weights)
     return weights

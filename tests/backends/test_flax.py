@@ -153,7 +153,7 @@ def test_from_variables_rejects_foreign_leaves() -> None:
 def test_eval_and_train_match_reference(weights: dict[str, np.ndarray], x: np.ndarray, layout: str) -> None:
     graph = small_graph(outputs=("head.fc", "gap"))
     model = multires.build(graph, backend="flax", layout=layout)
-    variables = flax_backend.load_weights(model, weights)
+    variables = flax_backend.load_variables(model, weights)
     inputs = nhwc(x) if layout == "NHWC" else x
     for train in (False, True):
         expected = reference.forward(graph, weights, x, train)
@@ -189,18 +189,18 @@ def test_train_without_mutable_batch_stats_fails(
     graph: Graph, weights: dict[str, np.ndarray], x: np.ndarray
 ) -> None:
     model = flax_backend.build(graph)
-    variables = flax_backend.load_weights(model, weights)
+    variables = flax_backend.load_variables(model, weights)
     with pytest.raises(Exception, match="batch_stats"):
         model.apply(variables, nhwc(x), train=True)
 
 
 def test_jit_matches_eager(graph: Graph, weights: dict[str, np.ndarray], x: np.ndarray) -> None:
     model = flax_backend.build(graph)
-    variables = flax_backend.load_weights(model, weights)
+    variables = flax_backend.load_variables(model, weights)
     apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
-    np.testing.assert_allclose(
-        apply(variables, nhwc(x)), model.apply(variables, nhwc(x)), rtol=1e-6, atol=1e-6
-    )
+    expected = model.apply(variables, nhwc(x))
+    np.testing.assert_allclose(apply(variables, nhwc(x)), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(flax_backend.load_weights(model, weights)(nhwc(x)), expected)
     jitted, updates = apply(variables, nhwc(x), train=True, mutable=("batch_stats",))
     eager, eager_updates = model.apply(variables, nhwc(x), train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-6)
@@ -210,7 +210,7 @@ def test_jit_matches_eager(graph: Graph, weights: dict[str, np.ndarray], x: np.n
 def test_jax_grad_matches_reference(graph: Graph, weights: dict[str, np.ndarray], x: np.ndarray) -> None:
     labels = np.array([0, 4, 2])
     model = flax_backend.build(graph)
-    variables = flax_backend.load_weights(model, weights)
+    variables = flax_backend.load_variables(model, weights)
 
     def loss(params):
         logits, _ = model.apply({**variables, "params": params}, nhwc(x), train=True, mutable=["batch_stats"])
@@ -260,7 +260,7 @@ def test_runner_resumes_from_weights_and_optimizer_state(
 
 def test_shape_errors_are_typed(graph: Graph, weights: dict[str, np.ndarray], x: np.ndarray) -> None:
     model = flax_backend.build(graph)
-    variables = flax_backend.load_weights(model, weights)
+    variables = flax_backend.load_variables(model, weights)
     with pytest.raises(ShapeError, match="It looks like NCHW"):
         model.apply(variables, x)
     runner = flax_backend.make_runner(graph, weights, "NHWC", SGD())
@@ -274,19 +274,23 @@ def test_shape_errors_are_typed(graph: Graph, weights: dict[str, np.ndarray], x:
         runner.forward(np.ones((1, 1, 1, 2), np.float32), training=True)
 
 
-def test_load_and_export_weights(weights: dict[str, np.ndarray]) -> None:
+def test_load_and_export_weights() -> None:
     graph = multires.spec("resnet18", num_classes=7)
     canonical = random_weights(graph, seed=1)
     model = multires.build(graph, backend="flax")
-    variables = multires.weights.load(model, canonical)
+    variables = flax_backend.load_variables(model, canonical)
     assert set(variables) == {"params", "batch_stats"}
-    exported = multires.weights.export(model.bind(variables))
+    bound = multires.weights.load(model, canonical)
+    assert jax.tree.all(jax.tree.map(np.array_equal, bound.variables, variables))
+    unbound, unbound_variables = bound.unbind()
+    assert unbound == model and unbound_variables is not None
+    exported = multires.weights.export(bound)
     assert all(np.array_equal(exported[name], value) for name, value in canonical.items())
     assert list(flax_backend.export_weights(variables)) == list(exported)
     with pytest.raises(WeightsError, match="unbound"):
         flax_backend.export_weights(model)
     with pytest.raises(WeightsError, match="missing fc.bias"):
-        flax_backend.load_weights(model, {k: v for k, v in canonical.items() if k != "fc.bias"})
+        flax_backend.load_variables(model, {k: v for k, v in canonical.items() if k != "fc.bias"})
 
 
 def test_several_inputs_and_outputs() -> None:
@@ -304,11 +308,11 @@ def test_several_inputs_and_outputs() -> None:
     rng = np.random.default_rng(2)
     a, b = (rng.normal(size=(2, 2, 5, 4)).astype(np.float32) for _ in range(2))
     model = flax_backend.build(graph, "NCHW")
-    conv, pool = model.apply(flax_backend.load_weights(model, weights), a, b)
+    conv, pool = model.apply(flax_backend.load_variables(model, weights), a, b)
     expected = reference.run(graph, weights, {"a": a, "b": b})
     assert reference.relative_error(conv, expected["conv"]) < 1e-6
     assert reference.relative_error(pool, expected["pool"]) < 1e-6
     with pytest.raises(ShapeError, match="expects 2 input"):
-        model.apply(flax_backend.load_weights(model, weights), a)
+        model.apply(flax_backend.load_variables(model, weights), a)
     with pytest.raises(ShapeError, match="cannot add"):
-        model.apply(flax_backend.load_weights(model, weights), a, b[:, :, :4])
+        model.apply(flax_backend.load_variables(model, weights), a, b[:, :, :4])

@@ -20,11 +20,8 @@ weights into both and checks their outputs agree before timing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from common import format_table, interleave, time_calls, write_json  # noqa: E402
 from keras import layers  # noqa: E402
 
 import multires  # noqa: E402
@@ -131,50 +129,51 @@ def _step_functions(model: keras.Model, jit: bool) -> dict[str, Callable[[Any, A
     return {"inference": infer, "train_step": train}
 
 
-def _time(function: Callable[[Any, Any], Any], x: Any, labels: Any, iters: int) -> tuple[float, float]:
-    """Wall-clock and process CPU seconds for `iters` calls."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(iters):
-        out = function(x, labels)
-    np.asarray(out)  # wait for the last result
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
 @dataclass(frozen=True)
 class Row:
-    """Images/s by wall clock and per CPU-second (robust on a shared machine), first-call seconds."""
+    """One table row: images/s by wall clock and per CPU-second, and first-call seconds."""
 
     model: str
-    size: int
-    batch: int
+    input: str
     mode: str
-    jit: bool
+    variant: str
+    handwritten: float
     multires: float
-    hand: float
+    ratio: float
+    handwritten_cpu: float
     multires_cpu: float
-    hand_cpu: float
-    first_call_s: float
-    hand_first_call_s: float
-
-    @property
-    def ratio(self) -> float:
-        return self.multires / self.hand
-
-    @property
-    def cpu_ratio(self) -> float:
-        return self.multires_cpu / self.hand_cpu
+    cpu_ratio: float
+    handwritten_first_s: float
+    multires_first_s: float
 
 
-def bench(case: Case, batch: int, size: int, rounds: int, iters: int, jit_modes: list[bool]) -> list[Row]:
-    """Rows of images/s for `case`, the two models timed alternately in each round."""
+COLUMNS = [
+    ("model", "model", ""),
+    ("input", "input (NHWC)", ""),
+    ("mode", "mode", ""),
+    ("variant", "variant", ""),
+    ("handwritten", "hand-written img/s", ".1f"),
+    ("multires", "multires img/s", ".1f"),
+    ("ratio", "ratio", ".3f"),
+    ("handwritten_cpu", "hand-written img/CPU-s", ".2f"),
+    ("multires_cpu", "multires img/CPU-s", ".2f"),
+    ("cpu_ratio", "CPU ratio", ".3f"),
+    ("handwritten_first_s", "hand-written 1st call s", ".1f"),
+    ("multires_first_s", "multires 1st call s", ".1f"),
+]
+
+
+def bench(case: Case, batch: int, size: int, rounds: int, calls: int, jit_modes: list[bool]) -> list[Row]:
+    """Rows for `case`: each function of the two models timed alternately, round by round."""
     graph = multires.spec(case.model)
     weights = multires.init_weights(graph, seed=0)
-    ours = multires.build(graph, backend="tf", weights=weights)
-    hand = tfb.load_weights(case.hand(size), weights)
+    models = {"multires": multires.build(graph, backend="tf", weights=weights)}
+    models["handwritten"] = tfb.load_weights(case.hand(size), weights)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(batch, size, size, case.channels)).astype(np.float32))
     labels = tf.constant(rng.integers(0, case.classes, size=batch))
-    error = reference.relative_error(ours(x, training=False).numpy(), hand(x, training=False).numpy())
+    outputs = [model(x, training=False).numpy() for model in models.values()]
+    error = reference.relative_error(*outputs)
     print(
         f"{case.model} {size}x{size}: multires vs hand-written outputs, relative error {error:.1e}",
         flush=True,
@@ -183,44 +182,35 @@ def bench(case: Case, batch: int, size: int, rounds: int, iters: int, jit_modes:
         raise SystemExit(f"{case.model}: the hand-written model computes something else (error {error:.1e}).")
     rows = []
     for jit in jit_modes:
-        functions = {"multires": _step_functions(ours, jit), "hand": _step_functions(hand, jit)}
+        functions = {name: _step_functions(model, jit) for name, model in models.items()}
         for mode in ("inference", "train_step"):
-            warmup = {which: _time(functions[which][mode], x, labels, 1)[0] for which in ("multires", "hand")}
-            wall: dict[str, list[float]] = {"multires": [], "hand": []}
-            cpu: dict[str, list[float]] = {"multires": [], "hand": []}
-            for round_ in range(rounds):
-                order = ("multires", "hand") if round_ % 2 == 0 else ("hand", "multires")
-                for which in order:
-                    seconds, cpu_seconds = _time(functions[which][mode], x, labels, iters)
-                    wall[which].append(seconds)
-                    cpu[which].append(cpu_seconds)
-            speed = {k: batch * iters / statistics.median(v) for k, v in wall.items()}
-            cpu_speed = {k: batch * iters / statistics.median(v) for k, v in cpu.items()}
+            candidates = {name: _call(f[mode], x, labels) for name, f in functions.items()}
+            first = {name: time_calls(call, 1)[0] for name, call in candidates.items()}  # trace, compile
+            timings = interleave(candidates, rounds, calls, warmup=0)
+            rate = {name: t.rate(batch) for name, t in timings.items()}
+            cpu = {name: t.rate(batch, "cpu") for name, t in timings.items()}
             row = Row(
                 case.model,
-                size,
-                batch,
+                f"{batch}x{size}x{size}x{case.channels}",
                 mode,
-                jit,
-                speed["multires"],
-                speed["hand"],
-                cpu_speed["multires"],
-                cpu_speed["hand"],
-                warmup["multires"],
-                warmup["hand"],
+                "xla" if jit else "graph",
+                rate["handwritten"],
+                rate["multires"],
+                rate["multires"] / rate["handwritten"],
+                cpu["handwritten"],
+                cpu["multires"],
+                cpu["multires"] / cpu["handwritten"],
+                first["handwritten"],
+                first["multires"],
             )
-            print(_format(row), flush=True)
+            print(format_table([asdict(row)], COLUMNS).splitlines()[-1], flush=True)
             rows.append(row)
     return rows
 
 
-def _format(row: Row) -> str:
-    return (
-        f"{row.model:>13} {row.size:>3}px b{row.batch:<3} {row.mode:<10} {'xla' if row.jit else 'graph':<5} "
-        f"img/s {row.multires:7.1f} vs {row.hand:7.1f}  ratio {row.ratio:.3f}  "
-        f"img/cpu-s {row.multires_cpu:7.1f} vs {row.hand_cpu:7.1f}  ratio {row.cpu_ratio:.3f}  "
-        f"first call {row.first_call_s:.1f}s vs {row.hand_first_call_s:.1f}s"
-    )
+def _call(function: Callable[[Any, Any], Any], x: Any, labels: Any) -> Callable[[], Any]:
+    """A no-argument call that waits for its result (`.numpy()`), as the timing helpers need."""
+    return lambda: function(x, labels).numpy()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,29 +220,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=sorted(CASES))
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median taken)")
-    parser.add_argument("--iters", type=int, default=3, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median taken)")
+    parser.add_argument("--calls", type=int, default=1, help="timed calls per round")
     parser.add_argument("--no-jit", action="store_true", help="skip the jit_compile=True runs")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    batch, rounds, iters = (2, 1, 1) if args.quick else (args.batch, args.rounds, args.iters)
+    batch, rounds, calls = (2, 1, 1) if args.quick else (args.batch, args.rounds, args.calls)
     jit_modes = [False] if args.no_jit or args.quick else [False, True]
-    devices = ", ".join(d.device_type for d in tf.config.list_physical_devices()) or "CPU"
+    devices = ", ".join(d.device_type for d in tf.config.list_physical_devices())
     print(
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: {devices}, {os.cpu_count()} CPUs"
     )
     rows = []
     for name in args.models:
         case = CASES[name]
-        rows += bench(case, batch, 32 if args.quick else case.size, rounds, iters, jit_modes)
-    print("\nmultires vs hand-written; ratio = multires / hand-written (target >= 0.97):")
-    for row in rows:
-        print(_format(row))
+        rows += bench(case, batch, 32 if args.quick else case.size, rounds, calls, jit_modes)
+    print("\nmultires vs hand-written Keras; ratio = multires / hand-written (target >= 0.97):")
+    print(format_table([asdict(r) for r in rows], COLUMNS))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(
-                [asdict(r) | {"ratio": r.ratio, "cpu_ratio": r.cpu_ratio} for r in rows], handle, indent=2
-            )
+        write_json(args.json, rows, tensorflow=tf.__version__, keras=keras.__version__, devices=devices)
     return 0
 
 

@@ -20,10 +20,10 @@ from multires.backend import SGD
 from multires.errors import ShapeError, WeightsError
 from multires.graph import Graph
 from multires.shapes import check_input_shape, from_layout, infer_shapes
-from multires.weights import from_variables, is_buffer, to_variables
+from multires.weights import as_weights, from_variables, is_buffer, to_variables
 
 from .lowering import Model, build
-from .weights import Variables, export_weights, load_variables
+from .weights import Variables, export_weights
 
 
 def sgd(optimizer: SGD) -> optax.GradientTransformation:
@@ -61,7 +61,9 @@ class FlaxRunner:
         self.model: Model = build(graph, layout)
         self.optimizer = optimizer
         self._tx = sgd(optimizer)
-        self.variables: Variables = load_variables(self.model, weights)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self.variables: Variables = self._variables(weights)
+        self._shapes = {name: value.shape for name, value in export_weights(self.variables).items()}
         self._opt_state = self._tx.init(self.variables["params"])
         self._buffered: frozenset[str] = frozenset()
         """Parameters whose momentum buffer holds a value (the others start from the gradient)."""
@@ -111,7 +113,7 @@ class FlaxRunner:
             self.variables, self._opt_state, inputs, labels
         )
         if self.optimizer.momentum:
-            self._buffered = frozenset(self._trainable())
+            self._buffered = frozenset(name for name in self._shapes if not is_buffer(name))
         return float(loss), np.asarray(logits)
 
     def _classes(self, shape: tuple[int, ...]) -> int:
@@ -124,19 +126,26 @@ class FlaxRunner:
             )
         return logits[1]
 
-    def _trainable(self) -> list[str]:
-        return list(from_variables({"params": self.variables["params"]}))
-
     def weights(self) -> dict[str, np.ndarray]:
         """The current canonical weights, running statistics included."""
         return export_weights(self.variables)
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Replace every weight (a full canonical mapping); the momentum buffers are kept."""
-        variables = load_variables(self.model, weights)
-        if jax.tree.structure(variables) != jax.tree.structure(self.variables):
-            raise WeightsError(f"weights do not match the variables of {self.graph.name!r}.")
-        self.variables = variables
+        self.variables = self._variables(weights)
+
+    def _variables(self, weights: Mapping[str, np.ndarray]) -> Variables:
+        """Variables from checked canonical weights, which must keep the runner's shapes (a
+        Dense after a spatial Flatten has no shape until the first weights fix it)."""
+        checked = as_weights(weights, self.graph)
+        problems = [
+            f"{name}: shape {checked[name].shape}, expected {shape}"
+            for name, shape in self._shapes.items()
+            if checked[name].shape != shape
+        ]
+        if problems:
+            raise WeightsError(f"weights do not match {self.graph.name!r}:\n  " + "\n  ".join(problems))
+        return jax.tree.map(jnp.asarray, to_variables(checked))
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """SGD momentum buffers by canonical parameter name (empty before the first step or
@@ -150,12 +159,12 @@ class FlaxRunner:
     def set_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore buffers saved by `optimizer_state` (parameters missing from `state` start
         from the gradient on the next step, as in PyTorch; an empty mapping clears them)."""
-        params = from_variables({"params": self.variables["params"]})
+        params = {name: shape for name, shape in self._shapes.items() if not is_buffer(name)}
         problems = [f"{name}: not a trainable parameter" for name in state if name not in params]
         problems += [
-            f"{name}: shape {np.shape(value)}, expected {params[name].shape}"
+            f"{name}: shape {np.shape(value)}, expected {params[name]}"
             for name, value in state.items()
-            if name in params and np.shape(value) != params[name].shape
+            if name in params and np.shape(value) != params[name]
         ]
         if state and not self.optimizer.momentum:
             problems.append("the optimizer has no momentum, so it keeps no buffers")
@@ -166,7 +175,7 @@ class FlaxRunner:
             )
         self._opt_state = self._tx.init(self.variables["params"])
         if state:
-            full = {name: state.get(name, np.zeros_like(value)) for name, value in params.items()}
+            full = {name: state.get(name, np.zeros(shape, np.float32)) for name, shape in params.items()}
             trace = jax.tree.map(jnp.asarray, to_variables(full)["params"])
             self._opt_state = optax.tree_utils.tree_set(self._opt_state, trace=trace)
-        self._buffered = frozenset(name for name in state if not is_buffer(name))
+        self._buffered = frozenset(state)

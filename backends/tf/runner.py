@@ -45,7 +45,8 @@ class KerasRunner:
             name: tf.Variable(tf.zeros_like(slot.variable), trainable=False, name=f"{name}.momentum")
             for name, slot in self._params.items()
         }
-        self._classes = infer_shapes(graph)[graph.outputs[0]][1]
+        output = infer_shapes(graph)[graph.outputs[0]]
+        self._classes = output[1] if len(output) == 2 else None
         self._steps = 0
         self._eval = tf.function(lambda x: model(x, training=False), input_signature=[_SPEC])
         self._train = tf.function(lambda x: model(x, training=True), input_signature=[_SPEC])
@@ -93,6 +94,11 @@ class KerasRunner:
 
     def train_step(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         """One SGD step on mean softmax cross-entropy; the loss and the logits before the update."""
+        if self._classes is None:
+            raise ShapeError(
+                f"{self.graph.name}: cross-entropy needs (N, classes) logits, but output "
+                f"{self.graph.outputs[0]!r} is a 4-D map. End the graph with Flatten and Dense."
+            )
         x = self._check(x, training=True)
         labels = np.asarray(labels)
         if labels.shape != (x.shape[0],) or labels.dtype.kind not in "iu":

@@ -279,6 +279,11 @@ def test_input_shape_errors() -> None:
         runner.forward(np.zeros((1, 1, 1, 3), np.float32), training=True)
     with pytest.raises(ShapeError, match=r"labels must lie in \[0, 4\)"):
         runner.train_step(np.zeros((2, 4, 4, 3), np.float32), np.array([0, 4]))
+    spatial = Graph("spatial", (Input("x", 3),), (Conv2d("conv", "x", out_channels=2, kernel=1),), ("conv",))
+    spatial_runner = multires.make_runner(spatial, multires.init_weights(spatial), "tf")
+    assert spatial_runner.forward(np.zeros((2, 4, 5, 3), np.float32)).shape == (2, 4, 5, 2)
+    with pytest.raises(ShapeError, match="cross-entropy needs \\(N, classes\\) logits"):
+        spatial_runner.train_step(np.zeros((2, 4, 5, 3), np.float32), np.array([0, 1]))
 
 
 def test_flatten_of_a_spatial_map_needs_weights_to_build() -> None:

@@ -12,6 +12,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from multires.errors import WeightsError
+
 PACKAGE = "multires"
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -171,3 +173,31 @@ class Subsample2D(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "strides": self.strides, "data_format": self.data_format}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class DeferredDense(keras.layers.Layer):
+    """Stands for a Dense layer whose input width is not known yet: that of a Flatten of a
+    spatial map, which depends on the image size. Keras needs the width to create the kernel,
+    so a model holding one is a placeholder until `load_weights` rebuilds it with the width the
+    weights give (the role of PyTorch's `LazyLinear`)."""
+
+    def __init__(self, units: int, use_bias: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self.use_bias = bool(use_bias)
+
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
+        """Creates nothing: the width comes with the weights."""
+
+    def call(self, inputs: Any) -> Any:
+        raise WeightsError(
+            f"{self.name} (Dense): its input width depends on the image size and comes from the "
+            "weights; load canonical weights first (load_weights returns the complete model)."
+        )
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        return (*input_shape[:-1], self.units)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "units": self.units, "use_bias": self.use_bias}

@@ -11,6 +11,7 @@ name is never the prefix of another).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,6 @@ from typing import Any
 import keras
 import numpy as np
 
-from multires.errors import SpecError
 from multires.graph import (
     Add,
     AvgPool2d,
@@ -35,7 +35,7 @@ from multires.graph import (
 from multires.graph import BatchNorm as BatchNormNode
 from multires.shapes import check_layout, infer_shapes
 
-from .layers import AveragePooling2DExcludePad, BatchNorm, ConstantPadding2D, Subsample2D
+from .layers import AveragePooling2DExcludePad, BatchNorm, ConstantPadding2D, DeferredDense, Subsample2D
 
 
 @dataclass(frozen=True)
@@ -175,21 +175,29 @@ def flatten(node: Flatten, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
 
 @register(Dense)
 def dense(node: Dense, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
-    """`Dense`; an input of unknown width (a Flatten of a spatial map) is first given its width."""
+    """`Dense`. An input of unknown width (a Flatten of a spatial map) gets its width from the
+    weights, or, without them, a `DeferredDense` placeholder that `complete` replaces."""
     x = inputs[0]
-    if x.shape[-1] is None:
-        x = keras.layers.Reshape((ctx.dense_features[node.name],), name=f"{node.name}.features")(x)
+    if x.shape[-1] is not None:
+        return keras.layers.Dense(node.out_features, use_bias=node.bias, name=node.name)(x)
+    if node.name not in ctx.dense_features:
+        return DeferredDense(node.out_features, use_bias=node.bias, name=node.name)(x)
+    x = keras.layers.Reshape((ctx.dense_features[node.name],), name=f"{node.name}.features")(x)
     return keras.layers.Dense(node.out_features, use_bias=node.bias, name=node.name)(x)
+
+
+_DEFERRED: weakref.WeakKeyDictionary[keras.Model, tuple[Graph, str]] = weakref.WeakKeyDictionary()
+"""Models holding a `DeferredDense`, with what `complete` rebuilds them from."""
 
 
 def build(graph: Graph, layout: str = "NHWC", weights: Mapping[str, np.ndarray] | None = None) -> keras.Model:
     """A Keras functional model computing `graph` on `layout` inputs, with Keras-initialised weights.
 
     Layers holding weights are named by their node; inputs and 4-D outputs are in `layout`.
-    `weights` (canonical) are only read for the input width of a Dense fed by a Flatten of an
-    image-size-dependent map, which Keras needs now and the spec leaves to the image size; load
-    them with `load_weights`. NCHW runs on GPU or under XLA (`jit_compile=True`): TensorFlow's
-    CPU kernels for convolution and pooling are NHWC only.
+    `weights` (canonical) are only read for the input width of a Dense fed by a Flatten of a
+    spatial map, which Keras needs now and the spec leaves to the image size; without them such
+    a Dense is a placeholder until `load_weights`. NCHW runs on GPU or under XLA
+    (`jit_compile=True`): TensorFlow's CPU kernels for convolution and pooling are NHWC only.
     """
     layout = check_layout(layout)
     ctx = LoweringContext(layout, _dense_features(graph, weights))
@@ -201,26 +209,33 @@ def build(graph: Graph, layout: str = "NHWC", weights: Mapping[str, np.ndarray] 
     for node in graph.nodes:
         values[node.name] = LOWERINGS[type(node)](node, [values[s] for s in node.inputs], ctx)
     outputs = [values[name] for name in graph.outputs]
-    return keras.Model(
+    model = keras.Model(
         inputs[0] if len(inputs) == 1 else inputs,
         outputs[0] if len(outputs) == 1 else outputs,
         name=graph.name,
     )
+    if any(isinstance(layer, DeferredDense) for layer in model.layers):
+        _DEFERRED[model] = (graph, layout)
+    return model
+
+
+def complete(model: keras.Model, weights: Mapping[str, np.ndarray]) -> keras.Model:
+    """`model`, or, if it holds `DeferredDense` placeholders, the model rebuilt with the widths
+    the canonical `weights` give."""
+    if model not in _DEFERRED:
+        return model
+    graph, layout = _DEFERRED[model]
+    return build(graph, layout, weights)
 
 
 def _dense_features(graph: Graph, weights: Mapping[str, np.ndarray] | None) -> dict[str, int]:
-    """Input widths of the Dense nodes whose width shape inference leaves to the image size."""
+    """Input widths, from `weights`, of the Dense nodes whose width depends on the image size."""
+    if weights is None:
+        return {}
     shapes = infer_shapes(graph)
-    unknown = [n for n in graph.nodes if isinstance(n, Dense) and shapes[n.inputs[0]][1] is None]
     features = {}
-    for node in unknown:
-        weight = None if weights is None else weights.get(f"{node.name}.weight")
-        if weight is None:
-            raise SpecError(
-                f"{node.name} (Dense): its input width depends on the image size (a Flatten of a "
-                "spatial map), and Keras must know it when the model is built. Pass canonical weights "
-                "to the tf backend's build (multires.get_backend('tf').build(graph, layout, weights)) "
-                "or use multires.make_runner, or pool to 1 x 1 (GlobalAvgPool) before the Flatten."
-            )
-        features[node.name] = int(np.shape(weight)[1])
+    for node in graph.nodes:
+        weight = weights.get(f"{node.name}.weight")
+        if isinstance(node, Dense) and shapes[node.inputs[0]][1] is None and weight is not None:
+            features[node.name] = int(np.shape(weight)[1])
     return features

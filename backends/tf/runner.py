@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from multires.backend import SGD
 from multires.errors import ShapeError, SpecError, WeightsError
-from multires.graph import BatchNorm, Graph
+from multires.graph import BatchNorm, Dense, Graph
 from multires.shapes import check_input_shape, from_layout, infer_shapes
 from multires.weights import CanonicalWeights, is_buffer
 
@@ -45,7 +45,14 @@ class KerasRunner:
             name: tf.Variable(tf.zeros_like(slot.variable), trainable=False, name=f"{name}.momentum")
             for name, slot in self._params.items()
         }
-        output = infer_shapes(graph)[graph.outputs[0]]
+        shapes = infer_shapes(graph)
+        self._widths = {
+            node.name: int(model.get_layer(node.name).kernel.shape[0])
+            for node in graph.nodes
+            if isinstance(node, Dense) and shapes[node.inputs[0]][1] is None
+        }
+        """Dense input widths that depend on the image size, as the weights fixed them."""
+        output = shapes[graph.outputs[0]]
         self._classes = output[1] if len(output) == 2 else None
         self._steps = 0
         self._eval = tf.function(lambda x: model(x, training=False), input_signature=[_SPEC])
@@ -56,8 +63,15 @@ class KerasRunner:
         """`x` as float32 after the checks the reference makes, raising ShapeError."""
         x = np.asarray(x)
         check_input_shape(self.graph, x.shape, self.layout)
+        shapes = infer_shapes(self.graph, from_layout(x.shape, self.layout))
+        for name, width in self._widths.items():
+            features = shapes[self.graph[name].inputs[0]][1]
+            if features != width:
+                raise ShapeError(
+                    f"{name} (Dense): an input of shape {x.shape} ({self.layout}) gives it {features} "
+                    f"features, but its weights take {width}. Use images of the size it was trained on."
+                )
         if training:
-            shapes = infer_shapes(self.graph, from_layout(x.shape, self.layout))
             for node in self.graph.nodes:
                 if not isinstance(node, BatchNorm):
                     continue

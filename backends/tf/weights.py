@@ -18,6 +18,8 @@ import numpy as np
 from multires.errors import WeightsError
 from multires.weights import CanonicalWeights
 
+from .lowering import complete
+
 
 def _identity(value: np.ndarray) -> np.ndarray:
     return value
@@ -92,11 +94,14 @@ def export_weights(model: keras.Model) -> CanonicalWeights:
 
 
 def load_weights(model: keras.Model, weights: Mapping[str, Any]) -> keras.Model:
-    """Assign canonical weights to `model` in place and return it.
+    """Assign canonical weights to `model` and return it.
 
     Every name must be present with its canonical shape and nothing else may be given; all
-    mismatches are reported in one WeightsError before anything is assigned.
+    mismatches are reported in one WeightsError before anything is assigned. A model built
+    without knowing the width of a Dense after a spatial Flatten is first rebuilt with the width
+    the weights give (a new model is returned; otherwise `model` itself, updated in place).
     """
+    model = complete(model, weights)
     targets = slots(model)
     problems = [f"missing {name} {slot.shape}" for name, slot in targets.items() if name not in weights]
     for name, value in weights.items():

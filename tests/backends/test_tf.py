@@ -19,7 +19,7 @@ keras = pytest.importorskip("keras")
 import multires  # noqa: E402
 from multires import reference  # noqa: E402
 from multires.backend import SGD, backend_of, get_backend  # noqa: E402
-from multires.errors import ShapeError, SpecError, WeightsError  # noqa: E402
+from multires.errors import ShapeError, WeightsError  # noqa: E402
 from multires.graph import (  # noqa: E402
     NODE_TYPES,
     Add,
@@ -286,9 +286,27 @@ def test_input_shape_errors() -> None:
         spatial_runner.train_step(np.zeros((2, 4, 5, 3), np.float32), np.array([0, 1]))
 
 
-def test_flatten_of_a_spatial_map_needs_weights_to_build() -> None:
-    with pytest.raises(SpecError, match=r"fc \(Dense\): its input width depends on the image size"):
-        tfb.build(traps(), "NHWC")
+def test_flatten_of_a_spatial_map_takes_the_dense_width_from_the_weights() -> None:
+    nodes = (
+        Conv2d("conv", "x", out_channels=2, kernel=1),
+        Flatten("flatten", "conv"),
+        Dense("fc", "flatten", out_features=3),
+    )
+    graph = Graph("flat", (Input("x", 3),), nodes, ("fc",))
+    x = np.random.default_rng(7).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    weights = multires.random_weights(graph, seed=7, input_shape=x.shape)
+    placeholder = tfb.build(graph, "NHWC")
+    assert isinstance(placeholder.get_layer("fc"), tfb.layers.DeferredDense)
+    with pytest.raises(WeightsError, match=r"fc \(Dense\): its input width depends on the image size"):
+        placeholder(nhwc(x))
+    model = multires.weights.load(placeholder, weights)
+    assert model.get_layer("fc").kernel.shape == (40, 3)
+    assert reference.relative_error(model(nhwc(x)).numpy(), reference.run(graph, weights, x)) <= TOLERANCE
+    runner = tfb.make_runner(graph, weights, "NHWC", SGD())
+    with pytest.raises(
+        ShapeError, match=r"fc \(Dense\): an input of shape .* gives it 48 features.* take 40"
+    ):
+        runner.forward(np.zeros((2, 4, 6, 3), np.float32))
 
 
 @pytest.mark.skipif(HAS_GPU, reason="NCHW is supported with a GPU")

@@ -16,12 +16,12 @@ How spec semantics map onto MXNet (1.9.1):
   the padded input by those of a padded mask of ones (`AsymmetricAvgPool2D`).
 - BatchNorm: MXNet updates running statistics in the *backward* pass and with the *biased*
   batch variance; the spec (PyTorch) updates them in the forward pass with the unbiased one. So
-  `BatchNorm` runs MXNet's fused op with its own update switched off (`momentum=1` there) and
-  also returns the batch mean and inverse standard deviation; `GraphBlock.forward` applies the
-  spec's update, `running = (1 - m) * running + m * stat` with the variance scaled by
-  n / (n - 1), whenever it runs in training mode (`autograd.record(train_mode=True)` or
-  `autograd.train_mode()`), eager or hybridized. Eval mode normalises with the running
-  statistics, as MXNet's `use_global_stats` does.
+  `BatchNorm2D` runs MXNet's fused op with its own update switched off (`momentum=1` there) and
+  also returns the batch mean and variance; `GraphBlock.forward` applies the spec's update,
+  `running = (1 - m) * running + m * stat` with the variance scaled by n / (n - 1), whenever it
+  runs in training mode (`autograd.record(train_mode=True)` or `autograd.train_mode()`), eager
+  or hybridized. Eval mode normalises with the running statistics, as MXNet's
+  `use_global_stats` does.
 - Flatten is `nn.Flatten` (channel-major in NCHW); GlobalAvgPool keeps (N, C, 1, 1).
 """
 
@@ -290,7 +290,9 @@ class GraphBlock(_Container):
 
     In training mode with NDArray inputs, `forward` applies the spec's BatchNorm running-statistics
     update (PyTorch's: in the forward pass, unbiased variance). Use it like any Gluon block:
-    `hybridize()`, `autograd.record(train_mode=True)`, `export(path)`.
+    `hybridize()`, `autograd.record(train_mode=True)`, `export(path)`. Called with Symbols (inside
+    another block's hybridized graph, or `export`) it gives the outputs only, so there the
+    running statistics are not updated.
     """
 
     def __init__(self, graph: Graph, blocks: dict[str, gluon.HybridBlock]) -> None:
@@ -332,6 +334,8 @@ class GraphBlock(_Container):
         """Check the input shapes and return N*H*W at each BatchNorm (cached per shape)."""
         key = (shapes, training)
         if key not in self._counts:
+            if len(self._counts) >= 64:
+                self._counts.clear()
             self._counts[key] = _checked_counts(self.graph, shapes, training)
         return self._counts[key]
 

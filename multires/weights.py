@@ -349,7 +349,8 @@ def from_variables(variables: Mapping[str, Any], graph: Graph | None = None) -> 
     """Canonical weights from Flax linen variables (the inverse of `to_variables`).
 
     Reads the `params` and `batch_stats` collections (others, such as `intermediates`, are
-    ignored); leaves may be NumPy or JAX arrays. Given a graph, the result is checked against it.
+    ignored); leaves may be NumPy or JAX arrays. Given a graph, the result is checked against it
+    and ordered as the graph's weights.
     """
     stats_kinds = {leaf: kind for kind, leaf in _FLAX_STATS.items()}
     weights: CanonicalWeights = {}
@@ -373,9 +374,10 @@ def from_variables(variables: Mapping[str, Any], graph: Graph | None = None) -> 
                     "<node>/mean|var in batch_stats."
                 )
             weights[f"{node}.{kind}"] = np.ascontiguousarray(array)
-    if graph is not None:
-        check_weights(graph, weights)
-    return weights
+    if graph is None:
+        return weights
+    check_weights(graph, weights)
+    return {name: weights[name] for name in weight_shapes(graph, partial=True)}
 
 
 def _flat_tree(tree: Any, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], Any]]:

@@ -22,7 +22,6 @@ from multires.graph import Graph
 from multires.weights import (
     CanonicalWeights,
     as_weights,
-    check_weights,
     from_variables,
     load_file,
     to_variables,
@@ -60,7 +59,8 @@ def load_weights(model: nn.Module, weights: Mapping[str, Any] | str | os.PathLik
 
 
 def export_weights(model: nn.Module | Mapping[str, Any]) -> CanonicalWeights:
-    """Canonical weights of a bound model (`model.bind(variables)`) or of a variables mapping."""
+    """Canonical weights of a bound model (`model.bind(variables)`, checked against its graph and
+    in graph order) or of a variables mapping."""
     if isinstance(model, nn.Module):
         if model.scope is None:
             raise WeightsError(
@@ -70,7 +70,4 @@ def export_weights(model: nn.Module | Mapping[str, Any]) -> CanonicalWeights:
         graph, variables = _graph(model), model.variables
     else:
         graph, variables = None, model
-    weights = from_variables(jax.device_get(variables))
-    if graph is not None:
-        check_weights(graph, weights)
-    return weights
+    return from_variables(jax.device_get(variables), graph)

@@ -135,20 +135,6 @@ def test_variables_round_trip(graph: Graph, weights: dict[str, np.ndarray]) -> N
         np.testing.assert_array_equal(back[name], value, err_msg=name)
 
 
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [("stem.conv.kernel", np.zeros((8,))), ("bias", np.zeros(3)), ("stem.conv.weight", np.zeros((1, 2, 3)))],
-)
-def test_to_variables_rejects_non_canonical_names(name: str, value: np.ndarray) -> None:
-    with pytest.raises(WeightsError, match=name):
-        to_variables({name: value})
-
-
-def test_from_variables_rejects_foreign_leaves() -> None:
-    with pytest.raises(WeightsError, match="params/conv/w"):
-        from_variables({"params": {"conv": {"w": np.zeros(3)}}})
-
-
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 def test_eval_and_train_match_reference(weights: dict[str, np.ndarray], x: np.ndarray, layout: str) -> None:
     graph = small_graph(outputs=("head.fc", "gap"))
@@ -286,7 +272,7 @@ def test_load_and_export_weights() -> None:
     assert unbound == model and unbound_variables is not None
     exported = multires.weights.export(bound)
     assert all(np.array_equal(exported[name], value) for name, value in canonical.items())
-    assert list(flax_backend.export_weights(variables)) == list(exported)
+    assert sorted(flax_backend.export_weights(variables)) == sorted(exported)
     with pytest.raises(WeightsError, match="unbound"):
         flax_backend.export_weights(model)
     with pytest.raises(WeightsError, match="missing fc.bias"):

@@ -1,8 +1,8 @@
 """multires: define a residual network once, lower it to native PyTorch, Keras, Flax and MXNet models.
 
-    >>> import multires
-    >>> multires.spec("d2l_resnet18")          # a framework-neutral Graph
-    >>> multires.build("resnet18", backend="torch")   # a plain torch.nn.Module
+>>> import multires
+>>> multires.spec("d2l_resnet18")          # a framework-neutral Graph
+>>> multires.build("resnet18", backend="torch")   # a plain torch.nn.Module
 """
 
 from multires import reference, weights

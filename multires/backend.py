@@ -28,8 +28,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from multires.errors import BackendNotFoundError, BackendUnavailableError, ShapeError
-from multires.shapes import check_layout
 from multires.graph import Graph
+from multires.shapes import check_layout
 
 ENTRY_POINT_GROUP = "multires.backends"
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import pairwise
 from typing import Any, ClassVar
 
 from multires.errors import SpecError
@@ -55,8 +56,10 @@ def _pair(value: Any, node: Node, what: str, minimum: int = 1) -> Pair:
 
 def _padding(value: Any, node: Node) -> Padding:
     """Normalise `p`, `(ph, pw)` or `((top, bottom), (left, right))` to the per-side form."""
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, (tuple, list)) for v in value
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, (tuple, list)) for v in value)
     ):
         rows, cols = (_pair(v, node, "padding", minimum=0) for v in value)
         return (rows, cols)
@@ -105,8 +108,10 @@ class Node:
     """Number of inputs; None means two or more."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or not all(
-            _SEGMENT.match(part) for part in self.name.split(".")
+        if (
+            not isinstance(self.name, str)
+            or not self.name
+            or not all(_SEGMENT.match(part) for part in self.name.split("."))
         ):
             raise SpecError(
                 f"{self.name!r} ({type(self).__name__}): a node name is dot-separated segments of "
@@ -244,7 +249,7 @@ def _normalise_pool(node: MaxPool2d | AvgPool2d) -> None:
     stride = node.kernel if node.stride is None else node.stride
     object.__setattr__(node, "stride", _pair(stride, node, "stride"))
     object.__setattr__(node, "padding", _padding(node.padding, node))
-    for (before, after), k in zip(node.padding, node.kernel):
+    for (before, after), k in zip(node.padding, node.kernel, strict=True):
         if max(before, after) > k // 2:
             raise SpecError(
                 f"{_where(node)}: padding {node.padding} exceeds half the kernel {node.kernel}; "
@@ -281,8 +286,7 @@ class Dense(Node):
 
 
 NODE_TYPES: dict[str, type[Node]] = {
-    cls.op: cls
-    for cls in (Conv2d, BatchNorm, ReLU, Add, MaxPool2d, AvgPool2d, GlobalAvgPool, Flatten, Dense)
+    cls.op: cls for cls in (Conv2d, BatchNorm, ReLU, Add, MaxPool2d, AvgPool2d, GlobalAvgPool, Flatten, Dense)
 }
 """Every node type by its `op` name; backends must lower each of them."""
 
@@ -408,7 +412,9 @@ def _yaml() -> Any:
     return yaml
 
 
-def _topological(nodes: tuple[Node, ...], inputs: tuple[Input, ...], outputs: tuple[str, ...]) -> tuple[Node, ...]:
+def _topological(
+    nodes: tuple[Node, ...], inputs: tuple[Input, ...], outputs: tuple[str, ...]
+) -> tuple[Node, ...]:
     """Check names and references, then order nodes so each follows its inputs.
 
     The order depends on the graph alone, not on the order the nodes were given in: a
@@ -427,7 +433,7 @@ def _topological(nodes: tuple[Node, ...], inputs: tuple[Input, ...], outputs: tu
             )
         seen[item.name] = type(item).__name__
     names = sorted(seen)
-    for shorter, longer in zip(names, names[1:]):
+    for shorter, longer in pairwise(names):
         if longer.startswith(shorter + "."):
             raise SpecError(
                 f"{shorter} ({seen[shorter]}): its name is also the prefix of {longer!r}, so it would be "
@@ -474,4 +480,3 @@ def _topological(nodes: tuple[Node, ...], inputs: tuple[Input, ...], outputs: tu
             state[source] = "open"
             stack.append((source, 0))
     return tuple(ordered)
-

@@ -36,7 +36,9 @@ def _where(node: Node) -> str:
     return f"{node.name} ({type(node).__name__})"
 
 
-def _spatial(node: Node, size: int | None, kernel: int, stride: int, pad: tuple[int, int], dilation: int) -> int | None:
+def _spatial(
+    node: Node, size: int | None, kernel: int, stride: int, pad: tuple[int, int], dilation: int
+) -> int | None:
     if size is None:
         return None
     return (size + pad[0] + pad[1] - dilation * (kernel - 1) - 1) // stride + 1
@@ -78,9 +80,9 @@ def node_output_shape(node: Node, in_shapes: Sequence[Shape]) -> Shape:
     if isinstance(node, ReLU):
         return shape
     if isinstance(node, Add):
-        for source, other in zip(node.inputs[1:], in_shapes[1:]):
+        for source, other in zip(node.inputs[1:], in_shapes[1:], strict=True):
             if len(other) != len(shape) or any(
-                a is not None and b is not None and a != b for a, b in zip(shape, other)
+                a is not None and b is not None and a != b for a, b in zip(shape, other, strict=True)
             ):
                 raise SpecError(
                     f"{_where(node)}: cannot add {node.inputs[0]!r} of shape {shape} and {source!r} of "
@@ -118,8 +120,10 @@ def _input_shapes(graph: Graph, input_shape: Shape | Mapping[str, Shape] | None)
         if spec.name not in input_shape:
             raise ShapeError(f"graph {graph.name!r}: no shape given for input {spec.name!r}.")
         shape = tuple(input_shape[spec.name])
-        if len(shape) != 4 or shape[1] != spec.channels or any(
-            d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1) for d in shape
+        if (
+            len(shape) != 4
+            or shape[1] != spec.channels
+            or any(d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1) for d in shape)
         ):
             raise ShapeError(
                 f"input {spec.name!r} of {graph.name!r} expects (N, {spec.channels}, H, W) in NCHW with "
@@ -129,9 +133,7 @@ def _input_shapes(graph: Graph, input_shape: Shape | Mapping[str, Shape] | None)
     return shapes
 
 
-def infer_shapes(
-    graph: Graph, input_shape: Shape | Mapping[str, Shape] | None = None
-) -> dict[str, Shape]:
+def infer_shapes(graph: Graph, input_shape: Shape | Mapping[str, Shape] | None = None) -> dict[str, Shape]:
     """NCHW output shape of every input and node, in graph order; raises SpecError naming the node."""
     shapes = _input_shapes(graph, input_shape)
     for node in graph.nodes:
@@ -200,9 +202,7 @@ def node_params(node: Node, in_shape: Shape) -> int:
     if isinstance(node, Dense):
         features = in_shape[1]
         if features is None:
-            raise SpecError(
-                f"{_where(node)}: its input size depends on the image size; give an input shape."
-            )
+            raise SpecError(f"{_where(node)}: its input size depends on the image size; give an input shape.")
         return node.out_features * features + (node.out_features if node.bias else 0)
     return 0
 

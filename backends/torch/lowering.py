@@ -14,7 +14,8 @@ How spec semantics map onto PyTorch:
 - Average pooling with asymmetric padding and `count_include_pad=False` divides window sums by
   the number of real pixels in each window (`AsymmetricAvgPool2d`).
 - BatchNorm's eps and momentum are PyTorch's convention already and are copied unchanged.
-- ReLU is in place where that cannot change any other value or gradient (see `_can_overwrite`).
+- ReLU and Add work in place where that cannot change any other value or gradient
+  (`LoweringContext.can_overwrite`), as torchvision's `ReLU(inplace=True)` and `out += identity`.
 - `layout="NHWC"`: the input is permuted to NCHW at entry and 4-D outputs back at exit; the
   weights are unchanged. Flatten is always channel-major, as the spec defines it.
 """
@@ -150,9 +151,15 @@ def _relu(ctx: LoweringContext, node: ReLU, inputs: list[fx.Node]) -> fx.Node:
 
 @lowers(Add)
 def _add(ctx: LoweringContext, node: Add, inputs: list[fx.Node]) -> fx.Node:
-    total = inputs[0]
-    for other in inputs[1:]:
-        total = ctx.call_function(node.name, operator.add, total, other)
+    # Accumulate in place into the first input nothing else reads (torchvision's `out += identity`),
+    # which saves allocating a new map per block.
+    first = next((i for i, name in enumerate(node.inputs) if ctx.can_overwrite(name)), None)
+    if first is None:
+        total, others, add = inputs[0], inputs[1:], operator.add
+    else:
+        total, others, add = inputs[first], inputs[:first] + inputs[first + 1 :], operator.iadd
+    for other in others:
+        total = ctx.call_function(node.name, add, total, other)
     return total
 
 

@@ -172,7 +172,7 @@ def test_print_shows_the_layers_and_the_generated_forward(resnet18: nn.Module) -
     code = resnet18.code
     assert "def forward(self, input):" in code
     assert 'getattr(self.layer1, "0").conv1(' in code
-    assert "layer1_0_add = layer1_0_bn2 + maxpool" in code
+    assert "layer1_0_bn2 += maxpool;  layer1_0_add = layer1_0_bn2" in code
     assert "torch.flatten(avgpool, 1)" in code
 
 
@@ -313,6 +313,29 @@ def test_relu_is_in_place_only_where_nothing_else_reads_its_input() -> None:
     before = x.clone()
     model(x)
     assert torch.equal(x, before), "the caller's input was modified"
+
+
+def test_add_accumulates_in_place_into_an_input_nothing_else_reads() -> None:
+    graph = Graph(
+        "adds",
+        Input("x", 3),
+        (
+            Conv2d("a", "x", out_channels=3, kernel=1),
+            Conv2d("b", "a", out_channels=3, kernel=1),
+            multires.Add("sum", ("a", "b")),
+            multires.Add("with_input", ("x", "sum")),
+        ),
+        "with_input",
+    )
+    model = tb.build(graph)
+    assert "b += a;  sum_1 = b" in model.code
+    assert "sum_1 += x_check;  with_input = sum_1" in model.code
+    weights = multires.random_weights(graph)
+    tb.load_weights(model, weights)
+    x = _x((2, 3, 4, 4))
+    expected = multires.reference.run(graph, weights, x.numpy())
+    with torch.no_grad():
+        assert multires.reference.relative_error(model(x).numpy(), expected) <= 1e-6
 
 
 def test_deepcopy_and_pickle_keep_the_module_tree_and_the_function(resnet18: nn.Module) -> None:

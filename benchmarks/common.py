@@ -1,0 +1,93 @@
+"""Timing and table helpers shared by the backend benchmarks.
+
+`interleave` times several candidates round by round, alternating their order, so that a noisy
+(shared) machine slows each of them alike; rates are medians over rounds. Each timing records
+both the wall clock and the CPU time of the process (all threads): on a machine shared with
+other jobs the wall clock also measures the neighbours, while CPU seconds still measure the work
+a model does. On an accelerator, read the wall clock.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call of one candidate, one value per round."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    def rate(self, items: int, clock: str = "wall") -> float:
+        """Median items per second (per CPU-second with `clock="cpu"`)."""
+        return items / statistics.median(self.wall if clock == "wall" else self.cpu)
+
+
+def time_calls(
+    function: Callable[[], Any], calls: int, sync: Callable[[], None] = lambda: None
+) -> tuple[float, float]:
+    """Wall and process-CPU seconds per call of `function`, over `calls` calls; `sync` waits for
+    queued device work (e.g. `torch.cuda.synchronize`)."""
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(calls):
+        function()
+    sync()
+    return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
+
+
+def interleave(
+    candidates: Mapping[str, Callable[[], Any]],
+    rounds: int,
+    calls: int = 1,
+    warmup: int = 1,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, Timing]:
+    """Time each candidate `rounds` times (`calls` calls per round) after `warmup` calls, in an
+    order that alternates round by round."""
+    names = list(candidates)
+    for name in names:
+        for _ in range(warmup):
+            candidates[name]()
+    sync()
+    timings = {name: Timing() for name in names}
+    for index in range(rounds):
+        for name in names if index % 2 == 0 else reversed(names):
+            wall, cpu = time_calls(candidates[name], calls, sync)
+            timings[name].wall.append(wall)
+            timings[name].cpu.append(cpu)
+    return timings
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A Markdown table of `rows`; `columns` are (key, header, format spec) triples."""
+    cells = [[format(row[key], spec) for key, _, spec in columns] for row in rows]
+    headers = [header for _, header, _ in columns]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    right = [bool(spec) for _, _, spec in columns]
+
+    def line(values: Sequence[str]) -> str:
+        padded = (v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right, strict=True))
+        return "| " + " | ".join(padded) + " |"
+
+    rule = (
+        "|"
+        + "|".join(
+            ("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right, strict=True)
+        )
+        + "|"
+    )
+    return "\n".join([line(headers), rule, *(line(c) for c in cells)])
+
+
+def write_json(path: str | Path, rows: Sequence[Any], **meta: Any) -> None:
+    """Write benchmark rows (dataclasses or mappings) and metadata as JSON."""
+    data = {**meta, "rows": [asdict(r) if hasattr(r, "__dataclass_fields__") else dict(r) for r in rows]}
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")

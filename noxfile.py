@@ -16,6 +16,7 @@ nox.options.sessions = [
     "tests-flax",
     "tests-mxnet",
     "tests-onnx",
+    "tests-combined",
 ]
 
 PYTHON = "3.11"
@@ -114,6 +115,15 @@ def tests_mxnet(session: nox.Session) -> None:
 def tests_onnx(session: nox.Session) -> None:
     """ONNX backend with onnxruntime (inference-only): eval conformance, backend tests, docs."""
     _backend_tests(session, "onnx")
+
+
+@nox.session(name="tests-combined", python=PYTHON)
+def tests_combined(session: nox.Session) -> None:
+    """torch, TensorFlow, Flax and onnxruntime side by side (MXNet cannot join: numpy<1.24): the
+    cross-framework docs examples, and `multires compare` agreeing with the reference."""
+    _install(session, *PINS["torch"], *PINS["tf"], *PINS["flax"], *PINS["onnx"])
+    session.run("pytest", "tests/docs", *session.posargs)
+    session.run("multires", "compare", "resnet18", "--input", "2,3,64,64", "--backends", "torch,tf,flax,onnx")
 
 
 def _bench(session: nox.Session, script: str, *pins: str) -> None:

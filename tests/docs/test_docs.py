@@ -3,7 +3,9 @@
 Fenced `python` blocks are executed and `pycon` blocks (with `>>>` prompts) run as doctests, so
 a printed result on a page is checked. A block inside a content tab (`=== "PyTorch"`) belongs to
 that tab's backend and runs only where that framework is installed, after the page's
-framework-free blocks, in one namespace per page and backend, in page order.
+framework-free blocks, in one namespace per page and backend, in page order. A tab naming several
+frameworks (`=== "PyTorch + TensorFlow"`) runs where all of them are installed (the nox session
+`tests-combined`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class Example:
 
     page: Path
     line: int
-    backend: str | None
+    backend: tuple[str, ...] | None
     lang: str
     code: str
 
@@ -47,12 +49,13 @@ def examples(page: Path) -> list[Example]:
     """The `python` and `pycon` blocks of a Markdown page, each with its tab's backend."""
     found: list[Example] = []
     lines = page.read_text().splitlines()
-    backend: str | None = None
+    backend: tuple[str, ...] | None = None
     i = 0
     while i < len(lines):
         line = lines[i]
         if tab := TAB.match(line):
-            backend = TABS.get(tab["title"])
+            titles = tab["title"].split(" + ")
+            backend = tuple(TABS[t] for t in titles) if all(t in TABS for t in titles) else None
         elif line.strip() and not line.startswith(" "):
             backend = None
         fence = FENCE.match(line)
@@ -74,7 +77,8 @@ def _cases() -> list[pytest.param]:
         found = examples(page)
         for backend in sorted({e.backend for e in found}, key=str):
             selected = [e for e in found if e.backend in (None, backend)]
-            cases.append(pytest.param(selected, backend, id=f"{page.name}-{backend or 'core'}"))
+            name = "+".join(backend) if backend else "core"
+            cases.append(pytest.param(selected, backend, id=f"{page.name}-{name}"))
     return cases
 
 
@@ -87,9 +91,12 @@ def _installed(backend: str) -> bool:
 
 
 @pytest.mark.parametrize(("blocks", "backend"), _cases())
-def test_examples_run(blocks: list[Example], backend: str | None, tmp_path: Path, monkeypatch) -> None:
-    if backend is not None and not _installed(backend):
-        pytest.skip(f"{backend} is not installed in this session")
+def test_examples_run(
+    blocks: list[Example], backend: tuple[str, ...] | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = [name for name in backend or () if not _installed(name)]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed in this session")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__docs__"}
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
@@ -111,12 +118,14 @@ def test_examples_are_assigned_to_their_tabs(tmp_path: Path) -> None:
         "```python\nA = 1\n```\n\n"
         '=== "PyTorch"\n\n    ```python\n    B = A\n    ```\n\n'
         '=== "Flax"\n\n    ```pycon\n    >>> A\n    1\n    ```\n\n'
+        '=== "PyTorch + TensorFlow"\n\n    ```python\n    D = 4\n    ```\n\n'
         "Back to prose.\n\n```bash\nls\n```\n\n```python\nC = 3\n```\n"
     )
     found = [(e.backend, e.lang, e.code) for e in examples(page)]
     assert found == [
         (None, "python", "A = 1\n"),
-        ("torch", "python", "B = A\n"),
-        ("flax", "pycon", ">>> A\n1\n"),
+        (("torch",), "python", "B = A\n"),
+        (("flax",), "pycon", ">>> A\n1\n"),
+        (("torch", "tf"), "python", "D = 4\n"),
         (None, "python", "C = 3\n"),
     ]

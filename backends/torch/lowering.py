@@ -64,7 +64,7 @@ class LoweringContext:
         self.modules: dict[str, nn.Module] = {}
         self.shapes: dict[str, Shape] = infer_shapes(graph)
 
-    def channels(self, name: str) -> int:
+    def channels(self, name: str) -> int | None:
         """Channels (or features) of the value named `name`; None for a Flatten of unknown size."""
         return self.shapes[name][1]
 
@@ -242,20 +242,25 @@ class InputCheck(nn.Module):
         self.layout = layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        axis, other_axis = (1, 3) if self.layout == "NCHW" else (3, 1)
+        axis = 1 if self.layout == "NCHW" else 3
         if x.dim() != 4 or x.shape[axis] != self.channels:
-            expected = (
-                f"(N, {self.channels}, H, W)" if self.layout == "NCHW" else f"(N, H, W, {self.channels})"
-            )
-            hint = ""
-            if x.dim() == 4 and x.shape[other_axis] == self.channels:
-                other = "NHWC" if self.layout == "NCHW" else "NCHW"
-                hint = f" It looks like {other}: transpose it or build the model with layout={other!r}."
-            raise ShapeError(
-                f"{self.graph_name}: input {self.input_name!r} expects shape {expected} in {self.layout}; "
-                f"got {tuple(x.shape)}.{hint}"
-            )
+            self._reject(x)
         return x
+
+    @torch.jit.unused
+    def _reject(self, x):  # unannotated: TorchScript then reads it as a Tensor
+        """Raise the ShapeError (Python only: scripted models raise TorchScript's own error)."""
+        shape = tuple(x.shape)
+        expected = f"(N, {self.channels}, H, W)" if self.layout == "NCHW" else f"(N, H, W, {self.channels})"
+        hint = ""
+        other_axis = 3 if self.layout == "NCHW" else 1
+        if len(shape) == 4 and shape[other_axis] == self.channels:
+            other = "NHWC" if self.layout == "NCHW" else "NCHW"
+            hint = f" It looks like {other}: transpose it or build the model with layout={other!r}."
+        raise ShapeError(
+            f"{self.graph_name}: input {self.input_name!r} expects shape {expected} in {self.layout}; "
+            f"got {shape}.{hint}"
+        )
 
     def extra_repr(self) -> str:
         expected = "(N, C, H, W)" if self.layout == "NCHW" else "(N, H, W, C)"

@@ -365,6 +365,17 @@ def test_torch_compile_captures_the_whole_forward_without_graph_breaks(resnet18:
         assert _rel(compiled(x), resnet18(x)) <= 1e-6
 
 
+@pytest.mark.filterwarnings("ignore:The TorchScript type system")  # raised on torch.fx internals
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_torch_jit_script_compiles_the_generated_forward(resnet18: nn.Module) -> None:
+    scripted = torch.jit.script(resnet18)
+    x = _x((2, 3, 32, 32))
+    with torch.no_grad():
+        assert torch.equal(scripted(x), resnet18(x))
+    with pytest.raises(torch.jit.Error, match="_reject"):
+        scripted(_x((2, 32, 32, 3)))
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_channels_last_gives_the_same_outputs(training: bool) -> None:
     graph = multires.spec("resnet18", num_classes=10)

@@ -3,8 +3,9 @@
 `build` walks the graph once and emits an `fx.Graph`: a `call_module` node per layer (the
 module sits at the node's dotted name, so `model.layer1[0].conv1` is an `nn.Conv2d`) and a
 `call_function` node for additions, flattening and explicit padding. `fx` generates a plain
-Python `forward` from it, so the model has no per-call interpreter loop and works with
-`torch.compile`, `torch.export` and `channels_last` like a hand-written one.
+Python `forward` from it (`print(model.code)`), so the model has no per-call interpreter loop
+and works with `torch.compile`, `torch.export`, `torch.jit.script` and `channels_last` like a
+hand-written one.
 
 How spec semantics map onto PyTorch:
 
@@ -18,6 +19,8 @@ How spec semantics map onto PyTorch:
   (`LoweringContext.can_overwrite`), as torchvision's `ReLU(inplace=True)` and `out += identity`.
 - `layout="NHWC"`: the input is permuted to NCHW at entry and 4-D outputs back at exit; the
   weights are unchanged. Flatten is always channel-major, as the spec defines it.
+- Each input first passes an `InputCheck` module: a wrong rank, channel count or layout raises
+  `multires.ShapeError` naming the expected shape.
 """
 
 from __future__ import annotations

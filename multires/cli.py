@@ -279,6 +279,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--resize", type=int, metavar="SIZE", help="resize the 28 x 28 images to SIZE x SIZE (the book: 96)")
     add("--limit", type=int, metavar="N", help="keep the first N training and test examples")
     add("--seed", type=int, default=0, help="seed of the initial weights and the batch order (default 0)")
+    add("--init", default="torchvision", help="torchvision (Kaiming) or d2l (the book's Xavier)")
     add("--layout", help="NCHW or NHWC (default: the backend's own)")
     add("--data", metavar="DIR", help="folder of the Fashion-MNIST files (default: see multires.data)")
     add("--out", metavar="DIR", help="run folder: history, plot, checkpoints (default runs/NAME-BACKEND)")
@@ -301,6 +302,7 @@ def train_command(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,
         seed=args.seed,
+        init=args.init,
         resize=args.resize,
         limit=args.limit,
         layout=args.layout,

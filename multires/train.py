@@ -38,8 +38,8 @@ from multires import weights as weights_io
 from multires.backend import SGD, Runner, get_backend, resolve_layout
 from multires.data import Dataset, batch_indices, fashion_mnist, num_batches, resize_images, to_input
 from multires.errors import BackendUnavailableError, ShapeError, SpecError, TrainingError, WeightsError
-from multires.graph import Graph
-from multires.shapes import check_layout, infer_shapes
+from multires.graph import Conv2d, Dense, Graph
+from multires.shapes import Shape, check_layout, infer_shapes
 
 RunnerFactory = Callable[[Graph, Mapping[str, np.ndarray], str, SGD], Runner]
 """A callable building a Runner: `(graph, weights, layout, optimizer) -> Runner`, e.g.
@@ -49,8 +49,13 @@ CHECKPOINT = "checkpoint.json"
 CHECKPOINT_FORMAT = "multires.checkpoint"
 CHECKPOINT_VERSION = 1
 
+INITS = ("torchvision", "d2l")
+"""Initialisations `train` offers: `multires.init_weights` (torchvision's Kaiming-normal), or the
+book's `init_cnn` (Xavier-uniform convolution and dense weights, PyTorch's default biases)."""
+
 RESUME_KEYS = (
     "graph",
+    "init",
     "lr",
     "momentum",
     "weight_decay",
@@ -247,6 +252,7 @@ def train(
     limit: int | None = None,
     layout: str | None = None,
     weights: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    init: str = "torchvision",
     root: str | os.PathLike | None = None,
     data: tuple[Dataset, Dataset] | None = None,
     out: str | os.PathLike | None = None,
@@ -258,8 +264,8 @@ def train(
     """Train `model` (a zoo name or a Graph) on Fashion-MNIST with SGD in `backend`; returns the History.
 
     `backend` is a registered backend name, "reference" (the float64 NumPy interpreter, slow) or a
-    `RunnerFactory`. The initial weights are `init_weights(graph, seed)` unless `weights` (a
-    canonical mapping or a weight file) is given; `seed` also fixes the batch order. `resize`
+    `RunnerFactory`. The initial weights are drawn from `seed` by `init` (see `INITS`) unless
+    `weights` (a canonical mapping or a weight file) is given; `seed` also fixes the batch order. `resize`
     resizes the images (`multires.data.resize_images`); `limit` keeps the first `limit` examples
     of both the training and the test set. `data` replaces Fashion-MNIST by a (train, test) pair
     of `Dataset`s; otherwise the files are found or downloaded as `fashion_mnist(root)` does.
@@ -278,6 +284,8 @@ def train(
         {"epochs": epochs, "batch_size": batch_size, "checkpoint_every": checkpoint_every},
         {"lr": lr, "momentum": momentum, "weight_decay": weight_decay},
     )
+    if init not in INITS:
+        raise TrainingError(f"unknown init {init!r}; use one of {', '.join(INITS)}.")
     if resume and out is None:
         raise TrainingError("resume=True needs the run folder `out` that holds the checkpoint.")
     if out is not None and not resume and (record := read_checkpoint(out)) is not None:
@@ -296,6 +304,7 @@ def train(
         "graph": graph.to_dict(),
         "backend": backend if isinstance(backend, str) else _qualname(backend),
         "epochs": epochs,
+        "init": init if weights is None else "given",
         "lr": lr,
         "momentum": momentum,
         "weight_decay": weight_decay,
@@ -309,7 +318,8 @@ def train(
         "test_examples": len(test_set),
     }
     optimizer = SGD(lr=lr, momentum=momentum, weight_decay=weight_decay)
-    runner = make_runner(graph, _initial_weights(graph, weights, seed, (1, 1, height, width)), optimizer)
+    start = _initial_weights(graph, weights, init, seed, (1, 1, height, width))
+    runner = make_runner(graph, start, optimizer)
     config["layout"] = runner.layout
     history = History(config)
     position = _Position()
@@ -414,14 +424,32 @@ def _check_graph(graph: Graph, input_shape: tuple[int, int, int, int], classes: 
         )
 
 
+def xavier_weights(graph: Graph, seed: int = 0, input_shape: Shape | None = None) -> dict[str, np.ndarray]:
+    """The book's initialisation (d2l's `init_cnn`): `init_weights`, with every convolution and
+    dense weight redrawn Xavier-uniform, `U(-a, a)` with `a = sqrt(6 / (fan_in + fan_out))` as
+    `torch.nn.init.xavier_uniform_` computes the fans; reproducible from `seed`."""
+    weights = weights_io.init_weights(graph, seed, input_shape)
+    rng = np.random.default_rng([seed, 1])
+    for name, value in weights.items():
+        node_name, kind = name.rsplit(".", 1)
+        if kind == "weight" and isinstance(graph[node_name], (Conv2d, Dense)):
+            receptive = int(np.prod(value.shape[2:], dtype=np.int64))
+            bound = np.sqrt(6.0 / ((value.shape[0] + value.shape[1]) * receptive))
+            weights[name] = rng.uniform(-bound, bound, value.shape).astype(np.float32)
+    return weights
+
+
 def _initial_weights(
     graph: Graph,
     weights: Mapping[str, np.ndarray] | str | os.PathLike | None,
+    init: str,
     seed: int,
     input_shape: tuple[int, int, int, int],
 ) -> dict[str, np.ndarray]:
-    """`init_weights(graph, seed)`, or the given mapping or weight file, checked against the graph."""
+    """Weights drawn by `init`, or the given mapping or weight file, checked against the graph."""
     if weights is None:
+        if init == "d2l":
+            return xavier_weights(graph, seed, input_shape)
         return weights_io.init_weights(graph, seed, input_shape)
     if isinstance(weights, (str, os.PathLike)):
         arrays = weights_io.load_file(weights)

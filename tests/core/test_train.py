@@ -25,7 +25,7 @@ from multires.backend import SGD
 from multires.data import CLASSES, Dataset, batch_indices, to_input
 from multires.errors import BackendUnavailableError, ShapeError, SpecError, TrainingError
 from multires.reference import ReferenceRunner
-from multires.train import History, read_checkpoint, train
+from multires.train import History, read_checkpoint, train, xavier_weights
 from multires.weights import init_weights, load_file
 
 HERE = Path(__file__).resolve().parent
@@ -176,6 +176,31 @@ def test_given_weights_limit_and_resize() -> None:
     assert (history.config["train_examples"], history.config["test_examples"]) == (24, 20)
     assert history.epochs[0].examples == 24
     assert history.config["backend"].endswith("test_train.Float32Runner")
+
+
+def test_the_books_xavier_init() -> None:
+    graph = mr.spec("d2l_resnet", arch=((1, 64), (1, 128)))
+    xavier, kaiming = xavier_weights(graph, 4), init_weights(graph, 4)
+    assert xavier.keys() == kaiming.keys() and all(v.dtype == np.float32 for v in xavier.values())
+    for name, shape in {
+        "b1.0.weight": (64, 1, 7, 7),
+        "b3.0.conv1.weight": (128, 64, 3, 3),
+        "last.2.weight": (10, 128),
+    }.items():
+        receptive = int(np.prod(shape[2:]))
+        bound = np.sqrt(6 / ((shape[0] + shape[1]) * receptive))
+        value = xavier[name]
+        assert value.shape == shape and np.abs(value).max() <= bound
+        assert np.std(value) == pytest.approx(bound / np.sqrt(3), rel=0.1), name
+    for name in ("b1.0.bias", "b1.1.weight", "b1.1.running_var", "last.2.bias"):
+        np.testing.assert_array_equal(xavier[name], kaiming[name])
+    np.testing.assert_array_equal(xavier_weights(graph, 4)["b1.0.weight"], xavier["b1.0.weight"])
+    history = train(tiny_graph(), "reference", init="d2l", epochs=1, data=DATA, progress=False)
+    assert history.config["init"] == "d2l"
+    plain = train(tiny_graph(), "reference", epochs=1, data=DATA, progress=False)
+    assert history.epochs[0].train_loss != plain.epochs[0].train_loss
+    with pytest.raises(TrainingError, match="unknown init 'glorot'; use one of torchvision, d2l"):
+        train(tiny_graph(), "reference", init="glorot", data=DATA, progress=False)
 
 
 def test_user_mistakes_are_typed_errors(tmp_path: Path) -> None:

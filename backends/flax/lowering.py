@@ -101,6 +101,49 @@ def conv2d(node: Conv2d, name: str, precision: Any) -> Layer:
     return layer
 
 
+def _batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel mean and biased variance over all but the last axis, in two passes (no
+    cancellation, unlike `E[x^2] - E[x]^2`)."""
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    return mean, jnp.mean(jnp.square(x - mean), axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    """Training-mode BatchNorm output, normalised with the batch statistics.
+
+    Its gradient is the closed form (as in `multires.reference`), which needs two reductions
+    per channel where autodiff through the two-pass variance needs three: the training step then
+    moves as much memory as one built from `nn.BatchNorm`. Reverse mode only (no `jax.jvp`).
+    """
+    return _batch_normalize_forward(x, scale, bias, epsilon)[0]
+
+
+def _batch_normalize_forward(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    mean, var = _batch_stats(x)
+    inv_std = jax.lax.rsqrt(var + epsilon)
+    return (x - mean) * (scale * inv_std) + bias, (x, mean, inv_std, scale)
+
+
+def _batch_normalize_backward(
+    epsilon: float, saved: tuple[jax.Array, ...], grad: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x, mean, inv_std, scale = saved
+    axes = tuple(range(x.ndim - 1))
+    count = x.size // x.shape[-1]
+    x_hat = (x - mean) * inv_std
+    grad_bias = jnp.sum(grad, axes)
+    grad_scale = jnp.sum(grad * x_hat, axes)
+    grad_x = (scale * inv_std) * (grad - grad_bias / count - x_hat * (grad_scale / count))
+    return grad_x, grad_scale, grad_bias
+
+
+batch_normalize.defvjp(_batch_normalize_forward, _batch_normalize_backward)
+
+
 class SpecBatchNorm(nn.Module):
     """BatchNorm over the last axis exactly as the spec (and PyTorch) define it.
 
@@ -122,22 +165,17 @@ class SpecBatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
-        if train:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x, axes)
-            # Two-pass variance (no cancellation, unlike E[x^2] - E[x]^2). Its derivative with
-            # respect to the mean is -2 * mean(x - mean) = 0, so stopping that gradient is exact
-            # and spares the backward pass a reduction.
-            var = jnp.mean(jnp.square(x - jax.lax.stop_gradient(mean)), axes)
-            if not self.is_initializing():
-                count = x.size // x.shape[-1]
-                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
-                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * (
-                    var * (count / (count - 1))
-                )
-        else:
-            mean, var = running_mean.value, running_var.value
-        return (x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+        if not train:
+            return (x - running_mean.value) * (scale * jax.lax.rsqrt(running_var.value + self.epsilon)) + bias
+        if not self.is_initializing():
+            # The same statistics as batch_normalize computes (XLA computes them once).
+            mean, var = _batch_stats(jax.lax.stop_gradient(x))
+            count = x.size // x.shape[-1]
+            running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+            running_var.value = self.momentum * running_var.value + (1 - self.momentum) * (
+                var * (count / (count - 1))
+            )
+        return batch_normalize(x, scale, bias, self.epsilon)
 
 
 @register(BatchNorm)

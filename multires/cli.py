@@ -1,4 +1,4 @@
-"""The `multires` command line: `models`, `summary` and `backends`.
+"""The `multires` command line: `models`, `summary`, `backends`, `compare`, `export` and `train`.
 
 Each subcommand is one function registered with `@command` in the `COMMANDS` table, together
 with the function that declares its arguments; `main` builds the parser from that table, so a

@@ -243,19 +243,28 @@ def _value_info(name: str, shape: Shape, layout: str, image: tuple[str, str] | N
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
 
 
-def _check_dense_widths(graph: Graph, weights: Mapping[str, np.ndarray] | None) -> None:
-    """Raise a SpecError for a Dense whose input width only the image size decides, with no weights."""
-    if weights is not None:
-        return
+def deferred_dense(graph: Graph) -> list[Dense]:
+    """Dense nodes whose input width only the image size decides (a Flatten of a spatial map)."""
     shapes = infer_shapes(graph)
-    for node in graph.nodes:
-        if isinstance(node, Dense) and shapes[node.inputs[0]][1] is None:
-            raise SpecError(
-                f"{node.name} (Dense): its input width depends on the image size (a Flatten of a spatial "
-                "map), and an ONNX initializer needs a fixed shape. Pass canonical weights "
-                "(multires.build(..., backend='onnx', weights=w) or the onnx backend's "
-                "build(graph, layout, weights)), or pool to 1 x 1 (GlobalAvgPool) before the Flatten."
-            )
+    return [n for n in graph.nodes if isinstance(n, Dense) and shapes[n.inputs[0]][1] is None]
+
+
+def _initial_weights(graph: Graph) -> dict[str, np.ndarray]:
+    """`init_weights(graph, seed=0)`; a Dense whose width the image size decides gets a zero-width
+    placeholder weight, until `load_weights` rebuilds the model with real weights."""
+    deferred = deferred_dense(graph)
+    if not deferred:
+        return init_weights(graph, seed=0)
+    (spec_input,) = graph.inputs
+    for size in range(1, 1025):
+        try:
+            weights = init_weights(graph, seed=0, input_shape=(1, spec_input.channels, size, size))
+            break
+        except SpecError:
+            continue
+    for node in deferred:
+        weights[f"{node.name}.weight"] = np.zeros((node.out_features, 0), np.float32)
+    return weights
 
 
 def build(
@@ -264,12 +273,13 @@ def build(
     """An `onnx.ModelProto` computing `graph` on `layout` inputs, with `weights` as initializers.
 
     Without `weights` the initializers are `multires.init_weights(graph, seed=0)` (ONNX has no
-    initialisers of its own). The model passes `onnx.checker.check_model(..., full_check=True)`
+    initialisers of its own; a Dense after a spatial Flatten gets a zero-width placeholder that
+    `load_weights` replaces by rebuilding the model)
+    The model passes `onnx.checker.check_model(..., full_check=True)`
     and runs in onnxruntime; its inputs and outputs are named as in the spec.
     """
     layout = check_layout(layout)
-    _check_dense_widths(graph, weights)
-    weights = init_weights(graph, seed=0) if weights is None else as_weights(weights, graph)
+    weights = _initial_weights(graph) if weights is None else as_weights(weights, graph)
     ctx = LoweringContext(weights)
     nhwc = layout == "NHWC"
     shapes = infer_shapes(graph)

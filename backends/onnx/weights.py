@@ -29,17 +29,20 @@ def export_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def load_weights(model: onnx.ModelProto, weights: Mapping[str, Any]) -> onnx.ModelProto:
     """Replace the model's initializers with canonical `weights` (cast to float32) in place and
-    return the model.
+    return the model; a model whose Dense width depends on the image size is rebuilt from its
+    stored graph with the width the weights give, and the new model returned.
 
     Every missing, unexpected or misshapen entry is reported in one WeightsError, before
     anything is changed.
     """
+    from .lowering import build, deferred_dense, model_graph, model_layout
+
     current = {tensor.name: tuple(tensor.dims) for tensor in model.graph.initializer}
     problems = []
     for name, shape in current.items():
         if name not in weights:
             problems.append(f"missing {name} {shape}")
-        elif tuple(np.shape(weights[name])) != shape:
+        elif tuple(np.shape(weights[name])) != shape and 0 not in shape:  # 0: a width placeholder
             problems.append(f"{name}: shape {tuple(np.shape(weights[name]))}, expected {shape}")
     problems += [f"unexpected {name}" for name in weights if name not in current]
     if problems:
@@ -47,6 +50,9 @@ def load_weights(model: onnx.ModelProto, weights: Mapping[str, Any]) -> onnx.Mod
             f"weights do not match the ONNX model {model.graph.name!r} ({len(problems)} problem(s)):\n  "
             + "\n  ".join(problems)
         )
+    graph = model_graph(model)
+    if graph is not None and deferred_dense(graph):
+        return build(graph, model_layout(model), weights)
     for tensor in model.graph.initializer:
         array = np.ascontiguousarray(weights[tensor.name], dtype=np.float32)
         tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))

@@ -23,7 +23,7 @@ from multires import reference  # noqa: E402
 from multires.backend import backend_of, get_backend  # noqa: E402
 from multires.cli import main  # noqa: E402
 from multires.compare import OK, compare  # noqa: E402
-from multires.errors import MultiresError, ShapeError, SpecError, TrainingError, WeightsError  # noqa: E402
+from multires.errors import MultiresError, ShapeError, TrainingError, WeightsError  # noqa: E402
 from multires.graph import (  # noqa: E402
     NODE_TYPES,
     Add,
@@ -199,7 +199,7 @@ def test_weights_round_trip_through_the_registry(case) -> None:
     for name, value in weights.items():
         np.testing.assert_array_equal(exported[name], value)
     other = random_weights(graph, 9, SHAPE)
-    assert multires.weights.load(model, other) is model
+    model = multires.weights.load(model, other)  # rebuilt: this graph's Dense width follows the image
     np.testing.assert_array_equal(ob.export_weights(model)["fc.weight"], other["fc.weight"])
 
 
@@ -227,9 +227,16 @@ def test_load_weights_reports_every_mismatch(case) -> None:
     np.testing.assert_array_equal(ob.export_weights(model)["fc.weight"], weights["fc.weight"])
 
 
-def test_image_size_dependent_dense_needs_weights() -> None:
-    with pytest.raises(SpecError, match=r"^fc \(Dense\): its input width depends on the image size"):
-        ob.build(traps())
+def test_image_size_dependent_dense_gets_its_width_from_the_weights(case) -> None:
+    graph, weights, x, expected = case
+    placeholder = {t.name: tuple(t.dims) for t in ob.build(graph).graph.initializer}["fc.weight"]
+    assert placeholder == (weights["fc.weight"].shape[0], 0)
+    model = ob.load_weights(ob.build(graph), weights)
+    assert (
+        reference.relative_error(ob.make_runner(graph, weights, "NCHW", multires.SGD()).forward(x), expected)
+        <= 1e-4
+    )
+    np.testing.assert_array_equal(ob.export_weights(model)["fc.weight"], weights["fc.weight"])
 
 
 def test_runner_is_inference_only(case) -> None:

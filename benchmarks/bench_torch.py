@@ -2,8 +2,8 @@
 
 For `d2l_resnet18` at 96x96 and `resnet50` at 224x224 (batch 64): eval-mode inference and one
 training step (softmax cross-entropy, `torch.optim.SGD` lr 0.1), each in plain NCHW and in
-`channels_last`, and with `--compile` also under `torch.compile` (inductor; compiling takes
-minutes on a CPU, hence the flag). Both models of a row run in the same process, interleaved
+`channels_last`, and with `--compile` also `channels_last` under `torch.compile` (inductor;
+compiling takes minutes on a CPU, hence the flag). Both models of a row run in the same process, interleaved
 round by round (so machine noise hits both alike); rates are medians. The table gives images/s
 and the ratio multires / hand-written (target >= 0.97) by wall clock and per CPU-second of the
 process (on a shared machine the wall clock also measures the neighbours; see common.py).
@@ -15,6 +15,7 @@ before timing.
 
     python benchmarks/bench_torch.py                  # default run (a few minutes on 2 cores)
     python benchmarks/bench_torch.py --compile        # adds torch.compile rows (slow to compile)
+    python benchmarks/bench_torch.py --rounds 5 --threads 1   # steadier ratios on a busy machine
     python benchmarks/bench_torch.py --quick          # CI smoke run: small batch and images
 """
 
@@ -258,14 +259,14 @@ def bench(
     for variant in variants:
         handwritten, ours = _pair(case)
         inputs = x
-        if variant in ("channels_last", "compile"):
+        if variant in ("channels_last", "channels_last+compile"):
             handwritten = handwritten.to(memory_format=torch.channels_last)
             ours = ours.to(memory_format=torch.channels_last)
             inputs = x.to(memory_format=torch.channels_last)
         _check_equal(handwritten, ours, inputs, f"{case.name} ({variant})")
         for mode in ("inference", "training"):
             models = {"handwritten": handwritten, "multires": ours}
-            if variant == "compile":
+            if variant == "channels_last+compile":
                 models = {k: torch.compile(m) for k, m in models.items()}
             for model in models.values():
                 model.train(mode == "training")
@@ -275,9 +276,9 @@ def bench(
                 for k, m in models.items()
             }
             start = time.perf_counter()
-            timings = interleave(
-                candidates, rounds=rounds, calls=calls, warmup=2 if variant == "compile" else 1
-            )
+            # Compiling happens in the first calls of each mode (and a recompile when it changes).
+            extra = 2 if variant == "channels_last+compile" else 0
+            timings = interleave(candidates, rounds=rounds, calls=calls, warmup=warmup + extra)
             print(f"  {case.name} {mode} {variant}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
             hw, mr = timings["handwritten"], timings["multires"]
             rows.append(
@@ -323,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="untimed calls first (the output check already runs one forward)",
     )
-    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (inductor)")
+    parser.add_argument(
+        "--compile", action="store_true", help="add channels_last + torch.compile rows (inductor)"
+    )
     parser.add_argument("--no-channels-last", action="store_true", help="skip the channels_last rows")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice)")
     parser.add_argument(
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [
         "plain",
         *([] if args.no_channels_last else ["channels_last"]),
-        *(["compile"] if args.compile else []),
+        *(["channels_last+compile"] if args.compile else []),
     ]
     batch, rounds, warmup = (4, 3, 3) if args.quick else (args.batch, args.rounds, args.warmup)
     print(

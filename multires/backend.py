@@ -19,16 +19,17 @@ Frameworks are imported only when a backend is first used; a missing framework r
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from multires.errors import BackendNotFoundError, BackendUnavailableError, ShapeError
-from multires.graph import Graph
+from multires.errors import BackendNotFoundError, BackendUnavailableError, ShapeError, SpecError
+from multires.graph import Graph, Node
 from multires.shapes import check_layout
 
 ENTRY_POINT_GROUP = "multires.backends"
@@ -43,6 +44,41 @@ FRAMEWORKS = {
     "mxnet": "MXNet",
     "onnx": "ONNX/onnxruntime",
 }
+
+
+L = TypeVar("L", bound=Callable[..., Any])
+
+
+class LoweringTable(dict[type[Node], Callable[..., Any]]):
+    """A backend's table from spec node type to the function that lowers it, one per type.
+
+    Each backend fills its table with `@LOWERINGS.register(Conv2d)` on one small function per
+    node type (the signature is the backend's own); looking up a type it lacks raises a
+    `SpecError` naming the backend rather than a bare `KeyError`.
+    """
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        self.backend = backend
+
+    def register(self, node_type: type[Node]) -> Callable[[L], L]:
+        """Decorator registering the lowering of `node_type`; a second one for a type is an error."""
+
+        def decorate(function: L) -> L:
+            if node_type in self:
+                raise ValueError(
+                    f"{node_type.__name__} already has a {self.backend} lowering ({self[node_type].__name__})."
+                )
+            self[node_type] = function
+            return function
+
+        return decorate
+
+    def __missing__(self, node_type: type[Node]) -> Callable[..., Any]:
+        raise SpecError(
+            f"backend {self.backend!r} has no lowering for node type {node_type.__name__}; "
+            f"it lowers {sorted(t.__name__ for t in self)}."
+        )
 
 
 @dataclass(frozen=True)

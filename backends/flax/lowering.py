@@ -18,13 +18,14 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from itertools import groupby
-from typing import Any, TypeVar
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from multires.backend import LoweringTable
 from multires.errors import ShapeError, SpecError
 from multires.graph import (
     Add,
@@ -36,7 +37,6 @@ from multires.graph import (
     GlobalAvgPool,
     Graph,
     MaxPool2d,
-    Node,
     ReLU,
 )
 from multires.shapes import check_input_shape, check_layout, infer_shapes
@@ -47,22 +47,9 @@ Layer = Callable[[Sequence[jax.Array], bool], jax.Array]
 Lowering = Callable[[Any, str, Any], Layer]
 """`(node, module_name, precision) -> Layer`."""
 
-LOWERINGS: dict[type[Node], Lowering] = {}
+LOWERINGS = LoweringTable("flax")
 """The table: spec node type -> its Flax lowering."""
-
-N = TypeVar("N", bound=Lowering)
-
-
-def register(node_type: type[Node]) -> Callable[[N], N]:
-    """Register the Flax lowering of `node_type`; registering a type twice is an error."""
-
-    def decorate(lowering: N) -> N:
-        if node_type in LOWERINGS:
-            raise ValueError(f"a Flax lowering for {node_type.__name__} is already registered")
-        LOWERINGS[node_type] = lowering
-        return lowering
-
-    return decorate
+lowers = LOWERINGS.register
 
 
 def _uniform(bound: float) -> Callable[..., jax.Array]:
@@ -78,7 +65,7 @@ _KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 """torchvision's ResNet convolution init, as `multires.init_weights` uses."""
 
 
-@register(Conv2d)
+@lowers(Conv2d)
 def conv2d(node: Conv2d, name: str, precision: Any) -> Layer:
     def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
         (x,) = inputs
@@ -178,7 +165,7 @@ class SpecBatchNorm(nn.Module):
         return batch_normalize(x, scale, bias, self.epsilon)
 
 
-@register(BatchNorm)
+@lowers(BatchNorm)
 def batchnorm(node: BatchNorm, name: str, precision: Any) -> Layer:
     def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
         (x,) = inputs
@@ -192,22 +179,22 @@ def batchnorm(node: BatchNorm, name: str, precision: Any) -> Layer:
     return layer
 
 
-@register(ReLU)
+@lowers(ReLU)
 def relu(node: ReLU, name: str, precision: Any) -> Layer:
     return lambda inputs, train: nn.relu(inputs[0])
 
 
-@register(Add)
+@lowers(Add)
 def add(node: Add, name: str, precision: Any) -> Layer:
     return lambda inputs, train: functools.reduce(jnp.add, inputs)
 
 
-@register(MaxPool2d)
+@lowers(MaxPool2d)
 def maxpool2d(node: MaxPool2d, name: str, precision: Any) -> Layer:
     return lambda inputs, train: nn.max_pool(inputs[0], node.kernel, node.stride, node.padding)
 
 
-@register(AvgPool2d)
+@lowers(AvgPool2d)
 def avgpool2d(node: AvgPool2d, name: str, precision: Any) -> Layer:
     def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
         return nn.avg_pool(
@@ -217,12 +204,12 @@ def avgpool2d(node: AvgPool2d, name: str, precision: Any) -> Layer:
     return layer
 
 
-@register(GlobalAvgPool)
+@lowers(GlobalAvgPool)
 def global_avgpool(node: GlobalAvgPool, name: str, precision: Any) -> Layer:
     return lambda inputs, train: jnp.mean(inputs[0], axis=(1, 2), keepdims=True)
 
 
-@register(Flatten)
+@lowers(Flatten)
 def flatten(node: Flatten, name: str, precision: Any) -> Layer:
     """NHWC -> (N, C*H*W) in the spec's channel-major order, so Dense weights need no permuting."""
 
@@ -233,7 +220,7 @@ def flatten(node: Flatten, name: str, precision: Any) -> Layer:
     return layer
 
 
-@register(Dense)
+@lowers(Dense)
 def dense(node: Dense, name: str, precision: Any) -> Layer:
     def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
         (x,) = inputs

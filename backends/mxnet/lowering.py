@@ -37,6 +37,7 @@ import mxnet as mx
 from mxnet import autograd, gluon, nd
 from mxnet.gluon import nn
 
+from multires.backend import LoweringTable
 from multires.errors import ShapeError, SpecError
 from multires.graph import (
     Add,
@@ -454,22 +455,9 @@ class LoweringContext:
 
 
 Lowering = Callable[[LoweringContext, Node], gluon.HybridBlock]
-LOWERINGS: dict[type[Node], Lowering] = {}
+LOWERINGS = LoweringTable("mxnet")
 """Spec node type -> the function that makes its Gluon block."""
-
-
-def lowers(node_type: type[Node]) -> Callable[[Lowering], Lowering]:
-    """Register the lowering of `node_type`; registering a type twice is an error."""
-
-    def register(function: Lowering) -> Lowering:
-        if node_type in LOWERINGS:
-            raise ValueError(
-                f"{node_type.__name__} already has an mxnet lowering ({LOWERINGS[node_type].__name__})."
-            )
-        LOWERINGS[node_type] = function
-        return function
-
-    return register
+lowers = LOWERINGS.register
 
 
 @lowers(Conv2d)

@@ -35,6 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import multires
+from multires.backend import LoweringTable
 from multires.errors import SpecError, WeightsError
 from multires.graph import (
     Add,
@@ -122,22 +123,9 @@ class LoweringContext:
 
 
 Lowering = Callable[[LoweringContext, Node, list[str], str], str]
-LOWERINGS: dict[type[Node], Lowering] = {}
+LOWERINGS = LoweringTable("onnx")
 """Spec node type -> the function that emits it: `(ctx, node, input tensors, output tensor)`."""
-
-
-def lowers(node_type: type[Node]) -> Callable[[Lowering], Lowering]:
-    """Register the lowering of `node_type`; registering a type twice is an error."""
-
-    def register(function: Lowering) -> Lowering:
-        if node_type in LOWERINGS:
-            raise ValueError(
-                f"{node_type.__name__} already has an onnx lowering ({LOWERINGS[node_type].__name__})."
-            )
-        LOWERINGS[node_type] = function
-        return function
-
-    return register
+lowers = LOWERINGS.register
 
 
 def _pads(node: Conv2d | MaxPool2d | AvgPool2d) -> list[int]:

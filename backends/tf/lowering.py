@@ -19,6 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from multires.backend import LoweringTable
 from multires.graph import (
     Add,
     AvgPool2d,
@@ -58,23 +59,9 @@ class LoweringContext:
 Lowering = Callable[[Any, Sequence[Any], LoweringContext], Any]
 """`(node, input tensors, context) -> output tensor`."""
 
-LOWERINGS: dict[type[Node], Lowering] = {}
+LOWERINGS = LoweringTable("tf")
 """Spec node type -> its lowering."""
-
-
-def register(node_type: type[Node]) -> Callable[[Lowering], Lowering]:
-    """Register the lowering of `node_type`; registering a type twice is an error."""
-
-    def decorate(function: Lowering) -> Lowering:
-        if node_type in LOWERINGS:
-            raise ValueError(
-                f"node type {node_type.__name__} already has a TensorFlow lowering "
-                f"({LOWERINGS[node_type].__name__})."
-            )
-        LOWERINGS[node_type] = function
-        return function
-
-    return decorate
+lowers = LOWERINGS.register
 
 
 def _zero_pad(x: Any, node: Node, padding: Padding, ctx: LoweringContext) -> Any:
@@ -83,7 +70,7 @@ def _zero_pad(x: Any, node: Node, padding: Padding, ctx: LoweringContext) -> Any
     return keras.layers.ZeroPadding2D(padding, data_format=ctx.data_format, name=f"{node.name}.pad")(x)
 
 
-@register(Conv2d)
+@lowers(Conv2d)
 def conv2d(node: Conv2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
     """Explicit zero padding, then a "valid" `Conv2D` (never "same": it pads stride 2 unevenly)."""
     x = _zero_pad(inputs[0], node, node.padding, ctx)
@@ -104,7 +91,7 @@ def conv2d(node: Conv2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
     return x
 
 
-@register(BatchNormNode)
+@lowers(BatchNormNode)
 def batchnorm(node: BatchNormNode, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
     """`BatchNorm` with Keras' momentum convention (1 - the spec's) and the exact epsilon."""
     return BatchNorm(
@@ -115,17 +102,17 @@ def batchnorm(node: BatchNormNode, inputs: Sequence[Any], ctx: LoweringContext) 
     )(inputs[0])
 
 
-@register(ReLU)
+@lowers(ReLU)
 def relu(node: ReLU, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
     return keras.layers.ReLU(name=node.name)(inputs[0])
 
 
-@register(Add)
+@lowers(Add)
 def add(node: Add, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
     return keras.layers.Add(name=node.name)(list(inputs))
 
 
-@register(MaxPool2d)
+@lowers(MaxPool2d)
 def maxpool2d(node: MaxPool2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
     """Padding with -inf (Keras pads with zeros, which wins the max over negative inputs)."""
     x = inputs[0]
@@ -138,7 +125,7 @@ def maxpool2d(node: MaxPool2d, inputs: Sequence[Any], ctx: LoweringContext) -> A
     )(x)
 
 
-@register(AvgPool2d)
+@lowers(AvgPool2d)
 def avgpool2d(node: AvgPool2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
     """Zero padding counted in the divisor, or (count_include_pad=False) a divisor of real inputs."""
     padded = any(any(side) for side in node.padding)
@@ -152,7 +139,7 @@ def avgpool2d(node: AvgPool2d, inputs: Sequence[Any], ctx: LoweringContext) -> A
     )(x)
 
 
-@register(GlobalAvgPool)
+@lowers(GlobalAvgPool)
 def global_avgpool(node: GlobalAvgPool, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
     """Mean over the spatial axes, keeping them as 1 x 1."""
     return keras.layers.GlobalAveragePooling2D(data_format=ctx.data_format, keepdims=True, name=node.name)(
@@ -160,7 +147,7 @@ def global_avgpool(node: GlobalAvgPool, inputs: Sequence[Any], ctx: LoweringCont
     )
 
 
-@register(Flatten)
+@lowers(Flatten)
 def flatten(node: Flatten, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
     """Channel-major order whatever the layout: an NHWC map is permuted to NCHW first.
 
@@ -173,7 +160,7 @@ def flatten(node: Flatten, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
     return keras.layers.Flatten(name=node.name)(x)
 
 
-@register(Dense)
+@lowers(Dense)
 def dense(node: Dense, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
     """`Dense`. An input of unknown width (a Flatten of a spatial map) gets its width from the
     weights, or, without them, a `DeferredDense` placeholder that `complete` replaces."""

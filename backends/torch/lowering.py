@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from multires.backend import LoweringTable
 from multires.errors import ShapeError
 from multires.graph import (
     Add,
@@ -107,22 +108,9 @@ class LoweringContext:
 
 
 Lowering = Callable[[LoweringContext, Node, list[fx.Node]], fx.Node]
-LOWERINGS: dict[type[Node], Lowering] = {}
+LOWERINGS = LoweringTable("torch")
 """Spec node type -> the function that emits it into the fx graph."""
-
-
-def lowers(node_type: type[Node]) -> Callable[[Lowering], Lowering]:
-    """Register the lowering of `node_type`; registering a type twice is an error."""
-
-    def register(function: Lowering) -> Lowering:
-        if node_type in LOWERINGS:
-            raise ValueError(
-                f"{node_type.__name__} already has a torch lowering ({LOWERINGS[node_type].__name__})."
-            )
-        LOWERINGS[node_type] = function
-        return function
-
-    return register
+lowers = LOWERINGS.register
 
 
 @lowers(Conv2d)

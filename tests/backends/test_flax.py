@@ -20,7 +20,6 @@ import multires  # noqa: E402
 from multires import SGD, reference  # noqa: E402
 from multires.errors import ShapeError, WeightsError  # noqa: E402
 from multires.graph import (  # noqa: E402
-    NODE_TYPES,
     Add,
     AvgPool2d,
     BatchNorm,
@@ -85,12 +84,6 @@ def assert_close(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray],
     scale = max(float(np.abs(expected[name]).max()) for name in actual)
     for name, value in actual.items():
         assert np.abs(value - expected[name]).max() <= rtol * scale, name
-
-
-def test_every_node_type_has_one_lowering() -> None:
-    assert set(flax_backend.LOWERINGS) == set(NODE_TYPES.values())
-    with pytest.raises(ValueError, match="already registered"):
-        flax_backend.lowering.register(Conv2d)(flax_backend.lowering.conv2d)
 
 
 def test_namespaces_are_entered_more_than_once(graph: Graph) -> None:

@@ -18,7 +18,6 @@ import multires  # noqa: E402
 from multires import reference  # noqa: E402
 from multires.errors import ShapeError, WeightsError  # noqa: E402
 from multires.graph import (  # noqa: E402
-    NODE_TYPES,
     Add,
     AvgPool2d,
     BatchNorm,
@@ -35,7 +34,7 @@ from multires.reference import relative_error  # noqa: E402
 from multires.weights import random_weights  # noqa: E402
 
 backend = pytest.importorskip("multires.backends.mxnet")
-from multires.backends.mxnet import lowering, runner, weights  # noqa: E402
+from multires.backends.mxnet import runner, weights  # noqa: E402
 
 TOL = 1e-4
 
@@ -116,12 +115,6 @@ def test_node_types_match_the_reference(case: str, hybridize: bool) -> None:
     assert state.keys() == ref_state.keys()
     for name, value in ref_state.items():
         assert relative_error(state[name], value) <= TOL, name
-
-
-def test_every_node_type_has_one_lowering() -> None:
-    assert set(backend.LOWERINGS) == set(NODE_TYPES.values())
-    with pytest.raises(ValueError, match="already has an mxnet lowering"):
-        lowering.lowers(Conv2d)(lambda ctx, node: None)
 
 
 def test_maxpool_padding_never_wins() -> None:

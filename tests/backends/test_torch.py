@@ -25,7 +25,6 @@ from multires.backend import SGD, get_backend  # noqa: E402
 from multires.errors import ShapeError, WeightsError  # noqa: E402
 
 tb = get_backend("torch")
-from multires.backends.torch import lowering  # noqa: E402
 from multires.backends.torch.weights import CHECKPOINT_RENAMES, from_state_dict  # noqa: E402
 
 
@@ -422,11 +421,6 @@ def test_the_generated_forward_checks_the_input_shape(resnet18: nn.Module) -> No
     nhwc = tb.build(multires.spec("resnet18"), "NHWC")
     with pytest.raises(ShapeError, match=r"expects shape \(N, H, W, 3\) in NHWC.*It looks like NCHW"):
         nhwc(_x((2, 3, 32, 32)))
-
-
-def test_registering_a_node_type_twice_is_an_error() -> None:
-    with pytest.raises(ValueError, match="Conv2d already has a torch lowering"):
-        lowering.lowers(Conv2d)(lambda ctx, node, inputs: inputs[0])
 
 
 def test_runner_rejects_bad_labels_and_optimizer_state() -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import multires
+from multires.backend import LoweringTable
 from multires.graph import NODE_TYPES
 from multires.shapes import LAYOUTS
 
@@ -34,6 +35,7 @@ def test_the_module_declares_the_contract(backend: str, backend_module: ModuleTy
 
 def test_lowerings_cover_every_node_type(backend_module: ModuleType) -> None:
     lowerings = backend_module.LOWERINGS
+    assert isinstance(lowerings, LoweringTable), "LOWERINGS must be a multires.backend.LoweringTable"
     missing = sorted(cls.__name__ for cls in NODE_TYPES.values() if cls not in lowerings)
     assert not missing, f"no lowering for {missing}"
     extra = sorted(str(key) for key in lowerings if key not in NODE_TYPES.values())

@@ -26,9 +26,11 @@ from multires import (
     Input,
     ReLU,
     ShapeError,
+    SpecError,
     WeightsError,
 )
 from multires import backend as registry
+from multires.backend import LoweringTable
 from multires.weights import save, weight_shapes
 
 GROUP = registry.ENTRY_POINT_GROUP
@@ -82,12 +84,13 @@ class FakeModel:
         return values[self.graph.outputs[0]]
 
 
-LOWERINGS = {
-    ReLU: lambda node, params, x: np.maximum(x, 0),
-    GlobalAvgPool: lambda node, params, x: x.mean(axis=(2, 3), keepdims=True),
-    Flatten: lambda node, params, x: x.reshape(len(x), -1),
-    Dense: lambda node, params, x: x @ params[f"{node.name}.weight"].T + params[f"{node.name}.bias"],
-}
+LOWERINGS = LoweringTable("fakeflow")
+LOWERINGS.register(ReLU)(lambda node, params, x: np.maximum(x, 0))
+LOWERINGS.register(GlobalAvgPool)(lambda node, params, x: x.mean(axis=(2, 3), keepdims=True))
+LOWERINGS.register(Flatten)(lambda node, params, x: x.reshape(len(x), -1))
+LOWERINGS.register(Dense)(
+    lambda node, params, x: x @ params[f"{node.name}.weight"].T + params[f"{node.name}.bias"]
+)
 
 
 class FakeRunner:
@@ -318,3 +321,15 @@ def test_resolve_layout() -> None:
     )
     with pytest.raises(ShapeError, match=r"unknown layout 'HWC'; use one of \('NCHW', 'NHWC'\)"):
         registry.resolve_layout(both, "HWC")
+
+
+def test_a_lowering_table_takes_one_lowering_per_node_type() -> None:
+    table = LoweringTable("fakeflow")
+    relu = table.register(ReLU)(lambda node: "relu")
+    assert table[ReLU] is relu
+    with pytest.raises(ValueError, match="ReLU already has a fakeflow lowering"):
+        table.register(ReLU)(lambda node: "again")
+    with pytest.raises(
+        SpecError, match=r"backend 'fakeflow' has no lowering for node type Dense; it lowers \['ReLU'\]"
+    ):
+        table[Dense]

@@ -23,6 +23,15 @@ SCHEMA = "multires.graph"
 
 Pair = tuple[int, int]
 Padding = tuple[Pair, Pair]
+"""Per-side padding `((top, bottom), (left, right))`."""
+
+
+def symmetric_padding(padding: Padding) -> Pair | None:
+    """`(ph, pw)` when each axis pads both sides alike (what a framework layer's own `padding`
+    argument can express), else None (the backend pads explicitly before the layer)."""
+    (top, bottom), (left, right) = padding
+    return (top, left) if top == bottom and left == right else None
+
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_]+$")
 

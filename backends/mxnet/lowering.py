@@ -52,6 +52,7 @@ from multires.graph import (
     Node,
     Padding,
     ReLU,
+    symmetric_padding,
 )
 from multires.shapes import Shape, check_input_shape, check_layout, infer_shapes
 
@@ -66,15 +67,15 @@ LAYOUT_HINT = (
 
 def _pad_width(padding: Padding) -> tuple[int, ...] | None:
     """MXNet `pad_width` for asymmetric per-side padding; None when the layer can pad itself."""
-    (top, bottom), (left, right) = padding
-    if top == bottom and left == right:
+    if symmetric_padding(padding) is not None:
         return None
+    (top, bottom), (left, right) = padding
     return (0, 0, 0, 0, top, bottom, left, right)
 
 
 def _layer_padding(padding: Padding) -> tuple[int, int]:
     """The symmetric `(ph, pw)` the layer applies itself (0 when padded explicitly first)."""
-    return (0, 0) if _pad_width(padding) else (padding[0][0], padding[1][0])
+    return symmetric_padding(padding) or (0, 0)
 
 
 class Conv2D(nn.Conv2D):

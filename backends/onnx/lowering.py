@@ -49,6 +49,7 @@ from multires.graph import (
     MaxPool2d,
     Node,
     ReLU,
+    symmetric_padding,
 )
 from multires.shapes import Shape, check_layout, infer_shapes
 from multires.weights import as_weights, init_weights
@@ -96,9 +97,9 @@ class LoweringContext:
         """The pool's input and `pads`: symmetric padding stays on the operator; asymmetric padding
         becomes an explicit `Pad` with `value` before it (named `<node>/pad`, its operands
         `Constant`s so that the initializers stay exactly the canonical weights)."""
-        (top, bottom), (left, right) = node.padding
-        if top == bottom and left == right:
+        if symmetric_padding(node.padding) is not None:
             return x, _pads(node)
+        (top, bottom), (left, right) = node.padding
         pads, fill = f"{node.name}/pads", f"{node.name}/pad_value"
         self.nodes += [
             helper.make_node(

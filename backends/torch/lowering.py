@@ -49,6 +49,7 @@ from multires.graph import (
     Node,
     Padding,
     ReLU,
+    symmetric_padding,
 )
 from multires.shapes import Shape, check_layout, infer_shapes
 
@@ -86,9 +87,10 @@ class LoweringContext:
     ) -> tuple[tuple[int, int], fx.Node]:
         """The layer padding `(ph, pw)` to use and its input: symmetric padding stays on the layer,
         asymmetric padding becomes an explicit `F.pad` with `value`."""
+        symmetric = symmetric_padding(node.padding)
+        if symmetric is not None:
+            return symmetric, x
         (top, bottom), (left, right) = node.padding
-        if top == bottom and left == right:
-            return (top, left), x
         x = self.call_function(f"{node.name}.pad", F.pad, x, (left, right, top, bottom), value=value)
         return (0, 0), x
 
@@ -162,8 +164,7 @@ def _maxpool2d(ctx: LoweringContext, node: MaxPool2d, inputs: list[fx.Node]) -> 
 
 @lowers(AvgPool2d)
 def _avgpool2d(ctx: LoweringContext, node: AvgPool2d, inputs: list[fx.Node]) -> fx.Node:
-    (top, bottom), (left, right) = node.padding
-    if not node.count_include_pad and (top != bottom or left != right):
+    if not node.count_include_pad and symmetric_padding(node.padding) is None:
         return ctx.call_module(node, AsymmetricAvgPool2d(node.kernel, node.stride, node.padding), inputs[0])
     padding, x = ctx.pad(node, inputs[0], 0.0)
     pool = nn.AvgPool2d(node.kernel, node.stride, padding, count_include_pad=node.count_include_pad)

@@ -25,7 +25,7 @@ from multires import (
     SpecError,
     infer_shapes,
 )
-from multires.graph import NODE_TYPES, SCHEMA_VERSION
+from multires.graph import NODE_TYPES, SCHEMA_VERSION, symmetric_padding
 
 X = (Input("x", 4),)
 
@@ -494,3 +494,10 @@ def test_unknown_op_and_field_are_refused() -> None:
     data["nodes"][0].update(op="relu", alpha=0.1)
     with pytest.raises(SpecError, match=re.escape("r (ReLU): unknown fields ['alpha']")):
         Graph.from_dict(data)
+
+
+def test_symmetric_padding_is_what_a_layer_argument_can_express() -> None:
+    assert symmetric_padding(((1, 1), (2, 2))) == (1, 2)
+    assert symmetric_padding(((0, 0), (0, 0))) == (0, 0)
+    assert symmetric_padding(((0, 1), (2, 2))) is None
+    assert symmetric_padding(((1, 1), (2, 1))) is None

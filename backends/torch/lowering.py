@@ -259,7 +259,15 @@ class InputCheck(nn.Module):
         return f"{expected}, C={self.channels}"
 
 
-def build(graph: Graph, layout: str = "NCHW") -> fx.GraphModule:
+class SpecModule(fx.GraphModule):
+    """The built model: an `fx.GraphModule` that prints as its module tree, like a hand-written
+    `nn.Module` (fx's own `__str__` appends the generated code, which is `model.code`)."""
+
+    def __str__(self) -> str:
+        return self.__repr__()
+
+
+def build(graph: Graph, layout: str = "NCHW") -> SpecModule:
     """A `torch.nn.Module` computing `graph` on `layout` inputs, with freshly initialised weights.
 
     The result is an `fx.GraphModule` whose submodules mirror the spec's dotted names (numeric
@@ -287,7 +295,7 @@ def build(graph: Graph, layout: str = "NCHW") -> fx.GraphModule:
         outputs.append(value)
     ctx.fx_graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
     root = _assemble(ctx.modules)
-    model = fx.GraphModule(root, ctx.fx_graph, class_name=_class_name(graph.name))
+    model = SpecModule(root, ctx.fx_graph, class_name=_class_name(graph.name))
     # GraphModule re-creates intermediate containers as bare Modules; keep ours (ModuleLists).
     for name, child in root.named_children():
         setattr(model, name, child)

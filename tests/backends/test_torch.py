@@ -162,8 +162,9 @@ def test_the_module_tree_mirrors_the_spec_hierarchy(resnet18: nn.Module) -> None
     assert isinstance(d2l.b3[0].conv3, nn.Conv2d)
 
 
-def test_print_shows_the_layers_and_the_generated_forward(resnet18: nn.Module) -> None:
+def test_print_shows_the_layers_and_code_shows_the_generated_forward(resnet18: nn.Module) -> None:
     text = str(resnet18)
+    assert text == repr(resnet18) and "def forward" not in text
     assert text.startswith("resnet18(")
     assert "(layer1): ModuleList(" in text
     assert "(conv1): Conv2d(3, 64, kernel_size=(7, 7), stride=(2, 2), padding=(3, 3), bias=False)" in text

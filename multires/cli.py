@@ -131,6 +131,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _models_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--long", action="store_true", help="whole descriptions, not their headlines")
+
+
+def headline(description: str) -> str:
+    """What a zoo description says before its details: `torchvision.models.resnet18, exactly: ...`
+    -> `torchvision.models.resnet18`."""
+    return description.split(":", 1)[0].removesuffix(", exactly").strip()
 
 
 @command("models", "list the model zoo with parameter counts", _models_arguments)
@@ -148,12 +155,13 @@ def models_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = Table(title="multires model zoo", expand=True, show_lines=True)
+    table = Table(title="multires model zoo", expand=True, show_lines=args.long)
     table.add_column("Model", no_wrap=True)
     table.add_column("Params (defaults)", justify="right", no_wrap=True)
     table.add_column("Description", ratio=1)
     for row in rows:
-        table.add_row(row["name"], f"{row['params']:,}", row["description"])
+        description = row["description"] if args.long else headline(row["description"])
+        table.add_row(row["name"], f"{row['params']:,}", description)
     _console(wrap=True).print(table)
     return 0
 

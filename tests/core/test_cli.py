@@ -58,7 +58,14 @@ def test_models_table(capsys) -> None:
         assert name in rows
     assert rows["resnet18"][0] == "11,689,512"
     assert rows["resnet50"][0] == "25,557,032"
-    assert rows["d2l_resnet18"][1]  # a description
+    assert rows["d2l_resnet18"][1].startswith("Dive into Deep Learning's ResNet18")
+    assert rows["resnet50"][1] == "torchvision.models.resnet50"
+
+
+def test_models_long_shows_whole_descriptions(capsys) -> None:
+    code, out, _ = run(capsys, "models", "--long")
+    assert code == 0
+    assert "max-pool 3x3/2" in out
 
 
 def test_models_json(capsys) -> None:

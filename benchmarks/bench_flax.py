@@ -4,7 +4,9 @@ For `d2l_resnet18` at 96x96 and `resnet50` at 224x224 (batch 64), in one process
 round by round (so machine noise hits both alike): jitted inference (`train=False`) and one jitted
 training step (softmax cross-entropy, `jax.value_and_grad`, optax SGD with momentum and weight
 decay, running statistics updated; the same step function for both models). Prints images/s and
-the ratio multires / hand-written (target >= 0.97).
+the ratio multires / hand-written (target >= 0.97), by wall clock and per CPU-second of the
+process (on a shared machine the wall clock also measures the neighbours; see common.py), and the
+seconds of each model's first call.
 
 The hand-written models below are what one would write from the book (D2L's ResNet chapter) and
 from torchvision's ResNet-50 in the style of the Flax ImageNet example, with `nn.BatchNorm` and
@@ -18,11 +20,8 @@ benchmark checks their outputs agree before timing. Both use the same matmul/con
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import compare, compare_columns, format_table, interleave, time_calls, write_json
 
 import multires
 from multires import reference
@@ -220,95 +220,97 @@ def _step_functions(model: nn.Module) -> tuple[Callable[..., jax.Array], Step, o
     return infer, train, tx
 
 
-class Timer:
-    """One model's jitted functions and state; `run` times `iters` calls of one mode."""
+class Runner:
+    """One model's jitted functions and state; `inference` and `train_step` make one call each and
+    keep its (possibly still running) result in `out`."""
 
     def __init__(self, model: nn.Module, variables: dict[str, Any], x: jax.Array, labels: jax.Array) -> None:
         self.infer, self.train, tx = _step_functions(model)
         self.variables = jax.tree.map(jnp.array, variables)
         self.opt_state = tx.init(self.variables["params"])
         self.x, self.labels = x, labels
+        self.out: Any = None
 
-    def run(self, mode: str, iters: int) -> float:
-        start = time.perf_counter()
-        for _ in range(iters):
-            if mode == "inference":
-                out = self.infer(self.variables, self.x)
-            else:
-                self.variables, self.opt_state, out = self.train(
-                    self.variables, self.opt_state, self.x, self.labels
-                )
-        jax.block_until_ready(out)
-        return time.perf_counter() - start
+    def inference(self) -> None:
+        self.out = self.infer(self.variables, self.x)
+
+    def train_step(self) -> None:
+        self.variables, self.opt_state, self.out = self.train(
+            self.variables, self.opt_state, self.x, self.labels
+        )
 
 
 @dataclass(frozen=True)
 class Row:
+    """One table row: images/s by wall clock and per CPU-second, and first-call seconds."""
+
     model: str
-    size: int
-    batch: int
+    input: str
     mode: str
+    precision: str
+    handwritten: float
     multires: float
-    hand: float
-    first_call_s: float
-    hand_first_call_s: float
+    ratio: float
+    handwritten_cpu: float
+    multires_cpu: float
+    cpu_ratio: float
+    handwritten_first_s: float
+    multires_first_s: float
 
-    @property
-    def ratio(self) -> float:
-        return self.multires / self.hand
+
+COLUMNS = [
+    ("model", "model", ""),
+    ("input", "input (NHWC)", ""),
+    ("mode", "mode", ""),
+    ("precision", "precision", ""),
+    *compare_columns(),
+]
 
 
-def bench(case: Case, batch: int, size: int, rounds: int, iters: int, precision: Any) -> list[Row]:
+def bench(case: Case, batch: int, size: int, rounds: int, calls: int, precision: str) -> list[Row]:
     """Rows of images/s for `case`, the two models timed alternately in each round."""
     graph = multires.spec(case.model)
     variables = to_variables(multires.init_weights(graph, seed=0), graph)
-    ours = multires.get_backend("flax").build(graph, "NHWC", precision=precision)
-    hand = case.hand(precision=precision)
+    jax_precision = None if precision == "default" else precision
+    ours = multires.get_backend("flax").build(graph, "NHWC", precision=jax_precision)
+    hand = case.hand(precision=jax_precision)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, size, size, case.channels)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, case.classes, size=batch))
-    timers = {"multires": Timer(ours, variables, x, labels), "hand": Timer(hand, variables, x, labels)}
+    runners = {
+        "multires": Runner(ours, variables, x, labels),
+        "handwritten": Runner(hand, variables, x, labels),
+    }
     hand_tree = jax.eval_shape(hand.init, jax.random.key(0), x)
     if jax.tree.structure(hand_tree) != jax.tree.structure(variables):
         raise SystemExit(f"{case.model}: the hand-written model's variables are not the canonical tree.")
-    outputs = {k: np.asarray(t.infer(t.variables, x)) for k, t in timers.items()}
-    error = reference.relative_error(outputs["multires"], outputs["hand"])
+    outputs = {k: np.asarray(t.infer(t.variables, x)) for k, t in runners.items()}
+    error = reference.relative_error(outputs["multires"], outputs["handwritten"])
     print(
         f"{case.model} {size}x{size}: multires vs hand-written outputs, relative error {error:.1e}",
         flush=True,
     )
     if error > 1e-4:
         raise SystemExit(f"{case.model}: the hand-written model computes something else (error {error:.1e}).")
+
+    def sync() -> None:
+        jax.block_until_ready([runner.out for runner in runners.values()])
+
     rows = []
     for mode in ("inference", "train_step"):
-        warmup = {which: timer.run(mode, 1) for which, timer in timers.items()}
-        seconds: dict[str, list[float]] = {"multires": [], "hand": []}
-        for round_ in range(rounds):
-            order = ("multires", "hand") if round_ % 2 == 0 else ("hand", "multires")
-            for which in order:
-                seconds[which].append(timers[which].run(mode, iters))
-        speed = {k: batch * iters / statistics.median(v) for k, v in seconds.items()}
+        candidates = {name: getattr(runner, mode) for name, runner in runners.items()}
+        first = {name: time_calls(call, 1, sync)[0] for name, call in candidates.items()}  # compile
+        timings = interleave(candidates, rounds, calls, warmup=0, sync=sync)
         row = Row(
             case.model,
-            size,
-            batch,
+            f"{batch}x{size}x{size}x{case.channels}",
             mode,
-            speed["multires"],
-            speed["hand"],
-            warmup["multires"],
-            warmup["hand"],
+            precision,
+            **compare(timings, first, batch),
         )
-        print(_format(row), flush=True)
+        print(format_table([asdict(row)], COLUMNS).splitlines()[-1], flush=True)
         rows.append(row)
     return rows
-
-
-def _format(row: Row) -> str:
-    return (
-        f"{row.model:>13} {row.size:>3}px b{row.batch:<3} {row.mode:<10} "
-        f"multires {row.multires:8.1f} img/s  hand {row.hand:8.1f} img/s  ratio {row.ratio:.3f}  "
-        f"(first call {row.first_call_s:.1f}s / {row.hand_first_call_s:.1f}s)"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=sorted(CASES))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median taken)")
-    parser.add_argument("--iters", type=int, default=3, help="steps per round")
+    parser.add_argument("--calls", "--iters", type=int, default=3, help="timed steps per round")
     parser.add_argument(
         "--precision",
         choices=("highest", "default"),
@@ -327,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    batch, rounds, iters = (4, 1, 1) if args.quick else (args.batch, args.rounds, args.iters)
-    precision = None if args.precision == "default" else args.precision
+    batch, rounds, calls = (4, 1, 1) if args.quick else (args.batch, args.rounds, args.calls)
     devices = ", ".join(str(d) for d in jax.devices())
     print(
         f"JAX {jax.__version__}, Flax {flax.__version__}, optax {optax.__version__}, devices: {devices}, "
@@ -337,13 +338,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.models:
         case = CASES[name]
-        rows += bench(case, batch, 64 if args.quick else case.size, rounds, iters, precision)
-    print("\nratio multires / hand-written (target >= 0.97):")
-    for row in rows:
-        print(_format(row))
+        rows += bench(case, batch, 64 if args.quick else case.size, rounds, calls, args.precision)
+    print("\nmultires vs hand-written Flax; ratio = multires / hand-written (target >= 0.97):")
+    print(format_table([asdict(r) for r in rows], COLUMNS))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump([asdict(r) | {"ratio": r.ratio} for r in rows], handle, indent=2)
+        write_json(
+            args.json,
+            rows,
+            jax=jax.__version__,
+            flax=flax.__version__,
+            optax=optax.__version__,
+            devices=devices,
+        )
     return 0
 
 

@@ -4,7 +4,9 @@ For `d2l_resnet18` at 96x96 and `resnet50` at 224x224 (batch 64), in one process
 round by round (so machine noise hits both alike): inference (predict mode) and one training step
 (`autograd.record(train_mode=True)`, batch-mean softmax cross-entropy, `backward()`,
 `gluon.Trainer.step`: the same step function and optimizer for both models), both models
-hybridized. Prints images/s and the ratio multires / hand-written (target >= 0.97).
+hybridized. Prints images/s and the ratio multires / hand-written (target >= 0.97), by wall
+clock and per CPU-second of the process (on a shared machine the wall clock also measures the
+neighbours; see common.py), and the seconds of each model's first hybridized call.
 
 Inference runs with `static_alloc=True, static_shape=True`; training steps without, because
 static buffers are per model and ResNet-50 training keeps about 0.3 GB of them per image (the
@@ -27,18 +29,17 @@ shared machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import mxnet as mx
 import numpy as np
+from common import compare, compare_columns, format_table, interleave, time_calls, write_json
 from mxnet import autograd, gluon, nd
 from mxnet.gluon import nn
 
@@ -198,32 +199,34 @@ def _step_functions(model: nn.HybridBlock, optimizer: str) -> dict[str, Callable
     return {"inference": infer, "train_step": train}
 
 
-def _time(function: Callable[[Any, Any], Any], x: Any, labels: Any, iters: int) -> float:
-    nd.waitall()
-    start = time.perf_counter()
-    for _ in range(iters):
-        function(x, labels)
-    nd.waitall()
-    return time.perf_counter() - start
-
-
 @dataclass(frozen=True)
 class Row:
+    """One table row: images/s by wall clock and per CPU-second, and first-call seconds."""
+
     model: str
-    size: int
-    batch: int
+    input: str
     mode: str
+    variant: str
+    handwritten: float
     multires: float
-    hand: float
-    first_call_s: float
-    hand_first_call_s: float
+    ratio: float
+    handwritten_cpu: float
+    multires_cpu: float
+    cpu_ratio: float
+    handwritten_first_s: float
+    multires_first_s: float
 
-    @property
-    def ratio(self) -> float:
-        return self.multires / self.hand
+
+COLUMNS = [
+    ("model", "model", ""),
+    ("input", "input (NCHW)", ""),
+    ("mode", "mode", ""),
+    ("variant", "variant", ""),
+    *compare_columns(),
+]
 
 
-def bench(case: Case, batch: int, size: int, rounds: int, iters: int, optimizer: str) -> list[Row]:
+def bench(case: Case, batch: int, size: int, rounds: int, calls: int, optimizer: str) -> list[Row]:
     """Rows of images/s for `case`, the two models timed alternately in each round."""
     graph = multires.spec(case.model)
     weights = multires.init_weights(graph, seed=0)
@@ -240,40 +243,27 @@ def bench(case: Case, batch: int, size: int, rounds: int, iters: int, optimizer:
     )
     if error > 1e-4:
         raise SystemExit(f"{case.model}: the hand-written model computes something else (error {error:.1e}).")
-    functions = {"multires": _step_functions(ours, optimizer), "hand": _step_functions(hand, optimizer)}
+    models = {"multires": ours, "handwritten": hand}
+    functions = {name: _step_functions(model, optimizer) for name, model in models.items()}
     rows = []
     for mode in ("inference", "train_step"):
         static = mode == "inference"
-        for model in (ours, hand):
+        for model in models.values():
             model.hybridize(static_alloc=static, static_shape=static)
-        warmup = {which: _time(functions[which][mode], x, labels, 1) for which in ("multires", "hand")}
-        seconds: dict[str, list[float]] = {"multires": [], "hand": []}
-        for round_ in range(rounds):
-            order = ("multires", "hand") if round_ % 2 == 0 else ("hand", "multires")
-            for which in order:
-                seconds[which].append(_time(functions[which][mode], x, labels, iters))
-        speed = {k: batch * iters / statistics.median(v) for k, v in seconds.items()}
+        candidates = {name: partial(f[mode], x, labels) for name, f in functions.items()}
+        first = {name: time_calls(call, 1, nd.waitall)[0] for name, call in candidates.items()}
+        timings = interleave(candidates, rounds, calls, warmup=0, sync=nd.waitall)
+        variant = "hybridized, static" if static else "hybridized"
         row = Row(
             case.model,
-            size,
-            batch,
+            f"{batch}x{case.channels}x{size}x{size}",
             mode,
-            speed["multires"],
-            speed["hand"],
-            warmup["multires"],
-            warmup["hand"],
+            variant,
+            **compare(timings, first, batch),
         )
-        print(_format(row), flush=True)
+        print(format_table([asdict(row)], COLUMNS).splitlines()[-1], flush=True)
         rows.append(row)
     return rows
-
-
-def _format(row: Row) -> str:
-    return (
-        f"{row.model:>13} {row.size:>3}px b{row.batch:<3} {row.mode:<10} "
-        f"multires {row.multires:8.1f} img/s  hand {row.hand:8.1f} img/s  ratio {row.ratio:.3f}  "
-        f"(first call {row.first_call_s:.1f}s / {row.hand_first_call_s:.1f}s)"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=sorted(CASES))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median taken)")
-    parser.add_argument("--iters", type=int, default=3, help="steps per round")
+    parser.add_argument("--calls", "--iters", type=int, default=3, help="timed steps per round")
     parser.add_argument(
         "--optimizer",
         choices=("sgd", "pytorch"),
@@ -291,22 +281,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    batch, rounds, iters = (4, 1, 1) if args.quick else (args.batch, args.rounds, args.iters)
+    batch, rounds, calls = (4, 1, 1) if args.quick else (args.batch, args.rounds, args.calls)
     features = mx.runtime.Features()
-    print(
-        f"MXNet {mx.__version__} (MKLDNN {'on' if features.is_enabled('MKLDNN') else 'off'}), "
-        f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
-    )
+    mkldnn = "on" if features.is_enabled("MKLDNN") else "off"
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    print(f"MXNet {mx.__version__} (MKLDNN {mkldnn}), {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}")
     rows = []
     for name in args.models:
         case = CASES[name]
-        rows += bench(case, batch, 64 if args.quick else case.size, rounds, iters, args.optimizer)
-    print("\nratio multires / hand-written (target >= 0.97):")
-    for row in rows:
-        print(_format(row))
+        rows += bench(case, batch, 64 if args.quick else case.size, rounds, calls, args.optimizer)
+    print("\nmultires vs hand-written Gluon; ratio = multires / hand-written (target >= 0.97):")
+    print(format_table([asdict(r) for r in rows], COLUMNS))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump([asdict(r) | {"ratio": r.ratio} for r in rows], handle, indent=2)
+        write_json(
+            args.json,
+            rows,
+            mxnet=mx.__version__,
+            mkldnn=mkldnn,
+            omp_num_threads=threads,
+            optimizer=args.optimizer,
+        )
     return 0
 
 

@@ -5,7 +5,8 @@ For `resnet50` at 224x224 and `d2l_resnet18` at 96x96 (batch 64), in one process
 round by round (so machine noise hits both alike): onnxruntime's CPU session with full graph
 optimisation against the torch model in eval mode under `torch.inference_mode()`, both on the
 same number of threads. The outputs are checked to agree before timing. Prints images/s and the
-ratio onnxruntime / PyTorch.
+ratio onnxruntime / PyTorch, by wall clock and per CPU-second of the process (on a shared machine
+the wall clock also measures the neighbours; see common.py), and the seconds of each first call.
 
     python benchmarks/bench_onnx.py            # full run
     python benchmarks/bench_onnx.py --quick    # CI smoke run: small batch and images
@@ -14,17 +15,14 @@ ratio onnxruntime / PyTorch.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnxruntime as ort
 import torch
+from common import compare, compare_columns, format_table, interleave, time_calls, write_json
 
 import multires
 from multires import reference
@@ -35,39 +33,40 @@ CASES = {"resnet50": 224, "d2l_resnet18": 96}
 
 @dataclass(frozen=True)
 class Row:
+    """One table row: images/s by wall clock and per CPU-second, and first-call seconds."""
+
     model: str
-    size: int
-    batch: int
+    input: str
+    mode: str
     threads: int
-    onnxruntime: float
     torch: float
-    first_call_s: float
-    torch_first_call_s: float
-
-    @property
-    def ratio(self) -> float:
-        return self.onnxruntime / self.torch
-
-
-def _seconds(call: Callable[[], object], iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        call()
-    return time.perf_counter() - start
+    onnxruntime: float
+    ratio: float
+    torch_cpu: float
+    onnxruntime_cpu: float
+    cpu_ratio: float
+    torch_first_s: float
+    onnxruntime_first_s: float
 
 
-def bench(model: str, batch: int, size: int, rounds: int, iters: int, threads: int) -> Row:
+COLUMNS = [
+    ("model", "model", ""),
+    ("input", "input (NCHW)", ""),
+    ("mode", "mode", ""),
+    ("threads", "threads", "d"),
+    *compare_columns("onnxruntime", "torch", ("onnxruntime", "torch"), first=".2f"),
+]
+
+
+def bench(model: str, batch: int, size: int, rounds: int, calls: int, threads: int) -> Row:
     """One row: images/s of both runtimes on `model`, timed alternately in each round."""
     graph = multires.spec(model)
     weights = multires.random_weights(graph, seed=0)
     onnx_backend = multires.get_backend("onnx")
     session = onnx_backend.inference_session(onnx_backend.build(graph, "NCHW", weights), threads=threads)
     net = multires.build(graph, backend="torch", weights=weights).eval()
-    x = (
-        np.random.default_rng(0)
-        .standard_normal((batch, graph.inputs[0].channels, size, size))
-        .astype(np.float32)
-    )
+    channels = graph.inputs[0].channels
+    x = np.random.default_rng(0).standard_normal((batch, channels, size, size)).astype(np.float32)
     x_torch = torch.from_numpy(x)
     feed = {graph.inputs[0].name: x}
 
@@ -78,38 +77,22 @@ def bench(model: str, batch: int, size: int, rounds: int, iters: int, threads: i
         with torch.inference_mode():
             return net(x_torch)
 
-    calls = {"onnxruntime": run_onnx, "torch": run_torch}
-    first = {which: _seconds(call, 1) for which, call in calls.items()}
+    candidates = {"onnxruntime": run_onnx, "torch": run_torch}
+    first = {name: time_calls(call, 1)[0] for name, call in candidates.items()}
     error = reference.relative_error(run_onnx(), run_torch().numpy())
     print(f"{model} {size}x{size}: onnxruntime vs torch outputs, relative error {error:.1e}", flush=True)
     if error > 1e-4:
         raise SystemExit(f"{model}: onnxruntime and torch disagree (relative error {error:.1e}).")
-    seconds: dict[str, list[float]] = {which: [] for which in calls}
-    for round_ in range(rounds):
-        order = list(calls) if round_ % 2 == 0 else list(reversed(calls))
-        for which in order:
-            seconds[which].append(_seconds(calls[which], iters))
-    speed = {which: batch * iters / statistics.median(times) for which, times in seconds.items()}
+    timings = interleave(candidates, rounds, calls, warmup=0)
     row = Row(
         model,
-        size,
-        batch,
+        f"{batch}x{channels}x{size}x{size}",
+        "inference",
         threads,
-        speed["onnxruntime"],
-        speed["torch"],
-        first["onnxruntime"],
-        first["torch"],
+        **compare(timings, first, batch, subject="onnxruntime", baseline="torch"),
     )
-    print(_format(row), flush=True)
+    print(format_table([asdict(row)], COLUMNS).splitlines()[-1], flush=True)
     return row
-
-
-def _format(row: Row) -> str:
-    return (
-        f"{row.model:>13} {row.size:>3}px b{row.batch:<3} {row.threads} threads  "
-        f"onnxruntime {row.onnxruntime:8.1f} img/s  torch {row.torch:8.1f} img/s  ratio {row.ratio:.3f}  "
-        f"(first call {row.first_call_s:.2f}s / {row.torch_first_call_s:.2f}s)"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median taken)")
-    parser.add_argument("--iters", type=int, default=3, help="forward passes per round")
+    parser.add_argument("--calls", "--iters", type=int, default=3, help="timed forward passes per round")
     parser.add_argument(
         "--threads",
         type=int,
@@ -127,22 +110,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    batch, rounds, iters = (4, 1, 1) if args.quick else (args.batch, args.rounds, args.iters)
+    batch, rounds, calls = (4, 1, 1) if args.quick else (args.batch, args.rounds, args.calls)
     torch.set_num_threads(args.threads)
+    opset = multires.get_backend("onnx").OPSET
     print(
         f"onnxruntime {ort.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-        f"{args.threads} threads, ONNX opset {multires.get_backend('onnx').OPSET}"
+        f"{args.threads} threads, ONNX opset {opset}"
     )
     rows = [
-        bench(name, batch, 64 if args.quick else CASES[name], rounds, iters, args.threads)
+        bench(name, batch, 64 if args.quick else CASES[name], rounds, calls, args.threads)
         for name in args.models
     ]
     print("\nratio onnxruntime / PyTorch (inference, images/s):")
-    for row in rows:
-        print(_format(row))
+    print(format_table([asdict(r) for r in rows], COLUMNS))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump([asdict(r) | {"ratio": r.ratio} for r in rows], handle, indent=2)
+        write_json(args.json, rows, onnxruntime=ort.__version__, torch=torch.__version__, opset=opset)
     return 0
 
 

@@ -4,7 +4,8 @@
 (shared) machine slows each of them alike; rates are medians over rounds. Each timing records
 both the wall clock and the CPU time of the process (all threads): on a machine shared with
 other jobs the wall clock also measures the neighbours, while CPU seconds still measure the work
-a model does. On an accelerator, read the wall clock.
+a model does. On an accelerator, read the wall clock. `compare` and `compare_columns` give the
+fields and table columns of a row comparing two candidates (rates, ratios, first-call seconds).
 """
 
 from __future__ import annotations
@@ -64,6 +65,52 @@ def interleave(
             timings[name].wall.append(wall)
             timings[name].cpu.append(cpu)
     return timings
+
+
+def compare(
+    timings: Mapping[str, Timing],
+    first: Mapping[str, float],
+    items: int,
+    subject: str = "multires",
+    baseline: str = "handwritten",
+) -> dict[str, float]:
+    """The measured fields of a row that compares `subject` with `baseline`: items/s of each by wall
+    clock (keyed by their names) and per CPU-second (`{name}_cpu`), the ratios subject / baseline
+    (`ratio`, `cpu_ratio`), and the seconds of each one's first call (`{name}_first_s`, from
+    `first`: tracing and compiling, where there are any)."""
+    wall = {name: timings[name].rate(items) for name in (baseline, subject)}
+    cpu = {name: timings[name].rate(items, "cpu") for name in (baseline, subject)}
+    return {
+        baseline: wall[baseline],
+        subject: wall[subject],
+        "ratio": wall[subject] / wall[baseline],
+        f"{baseline}_cpu": cpu[baseline],
+        f"{subject}_cpu": cpu[subject],
+        "cpu_ratio": cpu[subject] / cpu[baseline],
+        f"{baseline}_first_s": first[baseline],
+        f"{subject}_first_s": first[subject],
+    }
+
+
+def compare_columns(
+    subject: str = "multires",
+    baseline: str = "handwritten",
+    labels: tuple[str, str] = ("multires", "hand-written"),
+    first: str = ".1f",
+) -> list[tuple[str, str, str]]:
+    """The `format_table` columns of `compare`'s fields, rates in images/s; `labels` name subject
+    and baseline in the headers, `first` formats the first-call seconds."""
+    ours, theirs = labels
+    return [
+        (baseline, f"{theirs} img/s", ".1f"),
+        (subject, f"{ours} img/s", ".1f"),
+        ("ratio", "ratio", ".3f"),
+        (f"{baseline}_cpu", f"{theirs} img/CPU-s", ".2f"),
+        (f"{subject}_cpu", f"{ours} img/CPU-s", ".2f"),
+        ("cpu_ratio", "CPU ratio", ".3f"),
+        (f"{baseline}_first_s", f"{theirs} 1st call s", first),
+        (f"{subject}_first_s", f"{ours} 1st call s", first),
+    ]
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:

@@ -26,9 +26,13 @@ BatchNorm.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
+from pathlib import Path
 
 import numpy as np
 
@@ -45,6 +49,12 @@ DELTA_ATOL = 1e-5
 NOISE = 1e-6
 NOISE_FACTOR = 10.0
 SGD_LR = SGD(lr=0.1)
+
+CACHE = Path(os.environ.get("MULTIRES_REFERENCE_CACHE", Path(__file__).parents[2] / ".cache" / "reference"))
+"""Where reference results are stored between test sessions (every backend's nox session needs
+the same ones). An entry is keyed by the case and a hash of the code that computes it (the
+`multires` sources and this file), so any change to them recomputes. `MULTIRES_REFERENCE_CACHE=`
+(empty) turns the store off."""
 
 
 @dataclass(frozen=True)
@@ -89,12 +99,51 @@ class Case:
         return tuple(to_layout(infer_shapes(self.graph, self.input_shape)[out], layout))
 
 
+@cache
+def _code_hash() -> str:
+    """SHA-256 of the sources the reference results depend on."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(multires.__file__).parent.rglob("*.py")) + [Path(__file__)]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TrainingForward:
+    """The parts of a training-mode reference forward the tests compare."""
+
+    outputs: dict[str, np.ndarray]
+    running: dict[str, np.ndarray]
+
+
 class Oracle:
     """Reference results for one case, each computed once: on the case's own inputs and weights,
-    and on a perturbed copy that measures how much float32 rounding can move them."""
+    and on a perturbed copy that measures how much float32 rounding can move them. Results are
+    kept in `CACHE` so that the next backend's session reads rather than recomputes them."""
 
     def __init__(self, case: Case) -> None:
         self.case = case
+
+    def _stored(self, what: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """`compute()`, or its stored copy (float64 arrays by name, saved without pickle)."""
+        if not os.environ.get("MULTIRES_REFERENCE_CACHE", "unset"):
+            return compute()
+        case = self.case
+        key = hashlib.sha256(
+            repr(
+                (_code_hash(), case.graph.to_json(), case.input_shape, case.seed, case.negative, what)
+            ).encode()
+        ).hexdigest()[:24]
+        path = CACHE / f"{case.id}-{what}-{key}.npz"
+        if path.exists():
+            with np.load(path, allow_pickle=False) as stored:
+                return {name: stored[name] for name in stored.files}
+        result = compute()
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=CACHE, suffix=".npz", delete=False) as handle:
+            np.savez(handle, **result)
+        os.replace(handle.name, path)
+        return result
 
     @cached_property
     def weights(self) -> dict[str, np.ndarray]:
@@ -113,30 +162,54 @@ class Oracle:
 
     @cached_property
     def eval_output(self) -> np.ndarray:
-        return reference.run(self.case.graph, self.weights, self.case.x)
+        def compute() -> dict[str, np.ndarray]:
+            return {"output": reference.run(self.case.graph, self.weights, self.case.x)}
+
+        return self._stored("eval", compute)["output"]
+
+    def _training(self, what: str, x: np.ndarray, weights: Mapping[str, np.ndarray]) -> TrainingForward:
+        def compute() -> dict[str, np.ndarray]:
+            result = reference.forward(self.case.graph, dict(weights), x, training=True)
+            return {
+                **{f"outputs/{k}": v for k, v in result.outputs.items()},
+                **{f"running/{k}": v for k, v in result.running.items()},
+            }
+
+        stored = self._stored(what, compute)
+        parts: dict[str, dict[str, np.ndarray]] = {"outputs": {}, "running": {}}
+        for name, value in stored.items():
+            part, key = name.split("/", 1)
+            parts[part][key] = value
+        return TrainingForward(**parts)
 
     @cached_property
-    def training(self) -> reference.Forward:
-        return reference.forward(self.case.graph, self.weights, self.case.x, training=True)
+    def training(self) -> TrainingForward:
+        return self._training("training", self.case.x, self.weights)
 
     @cached_property
-    def training_perturbed(self) -> reference.Forward:
-        x, weights = self._perturbed
-        return reference.forward(self.case.graph, weights, x, training=True)
+    def training_perturbed(self) -> TrainingForward:
+        return self._training("training-perturbed", *self._perturbed)
 
     @cached_property
     def sgd(self) -> dict[str, np.ndarray]:
         """New weights (float64) after one SGD step with `SGD_LR`."""
-        return reference.sgd_step(self.case.graph, self.weights, self.case.x, self.case.labels, SGD_LR)[1]
+
+        def compute() -> dict[str, np.ndarray]:
+            case = self.case
+            return reference.sgd_step(case.graph, self.weights, case.x, case.labels, SGD_LR)[1]
+
+        return self._stored("sgd", compute)
 
     @cached_property
     def sgd_perturbed_noise(self) -> dict[str, float]:
         """Per tensor, the largest change of the reference's weight delta under the perturbation."""
-        x, weights = self._perturbed
-        new = reference.sgd_step(self.case.graph, weights, x, self.case.labels, SGD_LR)[1]
-        return {
-            k: float(np.max(np.abs((new[k] - weights[k]) - (self.sgd[k] - self.weights[k])))) for k in new
-        }
+
+        def compute() -> dict[str, np.ndarray]:
+            x, weights = self._perturbed
+            new = reference.sgd_step(self.case.graph, weights, x, self.case.labels, SGD_LR)[1]
+            return {k: np.max(np.abs((new[k] - weights[k]) - (self.sgd[k] - self.weights[k]))) for k in new}
+
+        return {k: float(v) for k, v in self._stored("sgd-perturbed-noise", compute).items()}
 
 
 def to_layout_array(value: np.ndarray, layout: str) -> np.ndarray:

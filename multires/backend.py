@@ -107,6 +107,10 @@ class Runner(Protocol):
         """One optimizer step on mean softmax cross-entropy in training mode; returns the loss
         and the logits of the forward pass before the update."""
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the following steps (a schedule sets it before each step); the
+        momentum buffers are kept, as when a PyTorch scheduler changes a param group's `lr`."""
+
     def weights(self) -> dict[str, np.ndarray]:
         """The current canonical weights, running statistics included."""
 

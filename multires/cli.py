@@ -281,6 +281,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--backend", default="torch", help="a backend (see `multires backends`) or 'reference' (NumPy, slow)")
     add("--epochs", type=int, default=10, help="epochs to train (default 10)")
     add("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
+    add(
+        "--schedule",
+        default="constant",
+        help="learning-rate schedule: constant (the book) or cosine (annealed to zero over the run)",
+    )
     add("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
     add("--weight-decay", type=float, default=0.0, help="SGD weight decay (default 0)")
     add("--batch-size", type=int, default=256, help="examples per step (default 256)")
@@ -306,6 +311,7 @@ def train_command(args: argparse.Namespace) -> int:
         args.backend,
         epochs=args.epochs,
         lr=args.lr,
+        schedule=args.schedule,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,

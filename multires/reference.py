@@ -32,7 +32,7 @@ Where one value feeds several nodes (residual branches), their gradients add up.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -723,6 +723,10 @@ class ReferenceRunner:
             self._weights, grads, fwd.running, self.optimizer, self._state
         )
         return loss, self._out(fwd.outputs[self.graph.outputs[0]])
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the following steps."""
+        self.optimizer = replace(self.optimizer, lr=lr)
 
     def weights(self) -> dict[str, np.ndarray]:
         """The current canonical weights, running statistics included, as float32."""

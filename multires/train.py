@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -53,10 +54,15 @@ INITS = ("torchvision", "d2l")
 """Initialisations `train` offers: `multires.init_weights` (torchvision's Kaiming-normal), or the
 book's `init_cnn` (Xavier-uniform convolution and dense weights, PyTorch's default biases)."""
 
+SCHEDULES = ("constant", "cosine")
+"""Learning-rate schedules `train` offers: the book's constant rate, or cosine annealing from
+`lr` towards zero over the whole run, set before every step (`learning_rate`)."""
+
 RESUME_KEYS = (
     "graph",
     "init",
     "lr",
+    "schedule",
     "momentum",
     "weight_decay",
     "batch_size",
@@ -66,7 +72,19 @@ RESUME_KEYS = (
     "limit",
 )
 """Config entries a resumed run must share with its checkpoint (epochs, backend and layout may
-change: canonical weights and momentum buffers move between backends)."""
+change: canonical weights and momentum buffers move between backends; epochs may not under a
+cosine schedule, whose rates depend on the run's length)."""
+
+
+def learning_rate(schedule: str, lr: float, step: int, total: int) -> float:
+    """The rate of step `step` (0-based) of a run of `total` steps: `lr` ("constant"), or
+    `lr * (1 + cos(pi * step / total)) / 2` ("cosine": `torch.optim.lr_scheduler.CosineAnnealingLR`
+    with `T_max=total`, stepped after every batch)."""
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return lr * (1.0 + math.cos(math.pi * step / total)) / 2.0
+    raise TrainingError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}.")
 
 
 @dataclass(frozen=True)
@@ -243,6 +261,7 @@ def train(
     *,
     epochs: int = 10,
     lr: float = 0.05,
+    schedule: str = "constant",
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     batch_size: int = 256,
@@ -264,7 +283,8 @@ def train(
     """Train `model` (a zoo name or a Graph) on Fashion-MNIST with SGD in `backend`; returns the History.
 
     `backend` is a registered backend name, "reference" (the float64 NumPy interpreter, slow) or a
-    `RunnerFactory`. The initial weights are drawn from `seed` by `init` (see `INITS`) unless
+    `RunnerFactory`. `schedule` (see `SCHEDULES`) sets the learning rate of each step from `lr`
+    through the Runner's `set_lr`. The initial weights are drawn from `seed` by `init` (see `INITS`) unless
     `weights` (a canonical mapping or a weight file) is given; `seed` also fixes the batch order. `resize`
     resizes the images (`multires.data.resize_images`); `limit` keeps the first `limit` examples
     of both the training and the test set. `data` replaces Fashion-MNIST by a (train, test) pair
@@ -286,6 +306,7 @@ def train(
     )
     if init not in INITS:
         raise TrainingError(f"unknown init {init!r}; use one of {', '.join(INITS)}.")
+    learning_rate(schedule, lr, 0, 1)
     if resume and out is None:
         raise TrainingError("resume=True needs the run folder `out` that holds the checkpoint.")
     if out is not None and not resume and (record := read_checkpoint(out)) is not None:
@@ -306,6 +327,7 @@ def train(
         "epochs": epochs,
         "init": init if weights is None else "given",
         "lr": lr,
+        "schedule": schedule,
         "momentum": momentum,
         "weight_decay": weight_decay,
         "batch_size": batch_size,
@@ -333,6 +355,9 @@ def train(
         title = f"epoch {position.epoch + 1}/{epochs}"
         with _progress_bar(console, progress, title, steps, position.step) as show:
             for idx in batch_indices(len(train_set), batch_size, seed, position.epoch, position.step):
+                if schedule != "constant":
+                    done = position.epoch * steps + position.step
+                    runner.set_lr(learning_rate(schedule, lr, done, epochs * steps))
                 _step(runner, train_set, idx, position)
                 show(position)
                 if folder is not None and _due(position.step, checkpoint_every, steps):
@@ -573,7 +598,8 @@ def _start(
     if not resume:
         raise _existing_run(folder, record)
     saved = History.from_dict(record["history"])
-    changed = [k for k in RESUME_KEYS if saved.config.get(k) != config.get(k)]
+    keys = RESUME_KEYS if config["schedule"] == "constant" else (*RESUME_KEYS, "epochs")
+    changed = [k for k in keys if saved.config.get(k) != config.get(k)]
     if changed:
         details = ", ".join(
             f"{k}: {saved.config.get(k)!r} -> {config.get(k)!r}" for k in changed if k != "graph"

@@ -2,13 +2,15 @@
 
 Forward passes and the training step are `jax.jit`-compiled once per input shape; gradients
 come from `jax.grad`. `optax.add_decayed_weights` followed by `optax.sgd` is exactly
-`multires.SGD` (PyTorch's rule) for a constant learning rate: optax's momentum trace starts at
-zero, so the first step's buffer is the gradient, as in PyTorch.
+`multires.SGD` (PyTorch's rule): optax's momentum trace starts at zero, so the first step's
+buffer is the gradient, as in PyTorch. The learning rate is an argument of the compiled step,
+so `set_lr` (a schedule) changes it without recompiling.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import jax
@@ -27,10 +29,13 @@ from .weights import Variables, export_weights
 
 
 def sgd(optimizer: SGD) -> optax.GradientTransformation:
-    """`multires.SGD` as an optax transformation: decay added to the gradient, then momentum SGD."""
+    """`multires.SGD` as an optax transformation: decay added to the gradient, then momentum SGD
+    at unit rate; the runner scales the updates by the learning rate, an argument of its compiled
+    step (so a schedule needs no recompilation). `lr * (-1 * buf)` is `optax.sgd(lr)`'s `-lr * buf`
+    to the bit."""
     return optax.chain(
         optax.add_decayed_weights(optimizer.weight_decay),
-        optax.sgd(optimizer.lr, momentum=optimizer.momentum or None),
+        optax.sgd(1.0, momentum=optimizer.momentum or None),
     )
 
 
@@ -79,7 +84,7 @@ class FlaxRunner:
         return logits, {**variables, **updates}
 
     def _step_fn(
-        self, variables: Variables, opt_state: Any, x: jax.Array, labels: jax.Array
+        self, variables: Variables, opt_state: Any, x: jax.Array, labels: jax.Array, lr: jax.Array
     ) -> tuple[Variables, Any, jax.Array, jax.Array]:
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Variables]]:
             logits, updated = self._train_fn({**variables, "params": params}, x)
@@ -87,6 +92,7 @@ class FlaxRunner:
 
         (loss, (logits, updated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
         updates, opt_state = self._tx.update(grads, opt_state, variables["params"])
+        updates = jax.tree_util.tree_map(lambda update: lr * update, updates)
         updated["params"] = optax.apply_updates(variables["params"], updates)
         return updated, opt_state, loss, logits
 
@@ -110,11 +116,15 @@ class FlaxRunner:
         labels = np.asarray(labels)
         _check_labels(labels, inputs.shape[0], self._classes(inputs.shape))
         self.variables, self._opt_state, loss, logits = self._step(
-            self.variables, self._opt_state, inputs, labels
+            self.variables, self._opt_state, inputs, labels, np.float32(self.optimizer.lr)
         )
         if self.optimizer.momentum:
             self._buffered = frozenset(name for name in self._shapes if not is_buffer(name))
         return float(loss), np.asarray(logits)
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the following steps."""
+        self.optimizer = replace(self.optimizer, lr=lr)
 
     def _classes(self, shape: tuple[int, ...]) -> int:
         (output,) = self.graph.outputs

@@ -141,6 +141,10 @@ class MXNetRunner:
             return {name: value.asnumpy() for name, value in zip(self.graph.outputs, out, strict=True)}
         return out.asnumpy()
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the following steps (`Trainer.set_learning_rate`)."""
+        self.trainer.set_learning_rate(lr)
+
     def train_step(
         self, x: np.ndarray | Mapping[str, np.ndarray], labels: np.ndarray
     ) -> tuple[float, np.ndarray]:

@@ -79,6 +79,10 @@ class OnnxRunner:
         """Raises InferenceOnlyError: ONNX models are inference-only."""
         raise _inference_only("train_step")
 
+    def set_lr(self, lr: float) -> None:
+        """Raises InferenceOnlyError: ONNX models are inference-only."""
+        raise _inference_only("set_lr")
+
     def weights(self) -> dict[str, np.ndarray]:
         """The model's canonical weights."""
         return export_weights(self.model)

@@ -10,6 +10,7 @@ step's `buf = g` needs no special case).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import keras
 import numpy as np
@@ -40,6 +41,8 @@ class KerasRunner:
         self.model = model
         self.layout = layout
         self.optimizer = optimizer
+        self._lr = tf.Variable(optimizer.lr, trainable=False, dtype=tf.float32, name="lr")
+        """The learning rate the compiled step reads, so `set_lr` needs no retracing."""
         self._params = {name: slot for name, slot in slots(model).items() if not is_buffer(name)}
         self._buffers = {
             name: tf.Variable(tf.zeros_like(slot.variable), trainable=False, name=f"{name}.momentum")
@@ -90,7 +93,7 @@ class KerasRunner:
         return (self._train if training else self._eval)(x).numpy()
 
     def _sgd_step(self, x: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        lr, momentum, decay = self.optimizer.lr, self.optimizer.momentum, self.optimizer.weight_decay
+        lr, momentum, decay = self._lr, self.optimizer.momentum, self.optimizer.weight_decay
         variables = [slot.variable for slot in self._params.values()]
         with tf.GradientTape() as tape:
             logits = self.model(x, training=True)
@@ -105,6 +108,11 @@ class KerasRunner:
                 grad = buffer.assign(momentum * buffer + grad)
             variable.assign_sub(lr * grad)
         return loss, logits
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the following steps."""
+        self.optimizer = replace(self.optimizer, lr=lr)
+        self._lr.assign(lr)
 
     def train_step(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         """One SGD step on mean softmax cross-entropy; the loss and the logits before the update."""

@@ -46,6 +46,11 @@ class TorchRunner:
         with torch.no_grad():
             return self.model(inputs).numpy()
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the following steps (every param group's `lr`, as a scheduler sets it)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def train_step(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         """One SGD step on mean softmax cross-entropy in training mode; returns the loss and the
         logits before the update."""

@@ -246,6 +246,8 @@ def test_runner_is_inference_only(case) -> None:
     assert isinstance(error.value, MultiresError) and isinstance(error.value, NotImplementedError)
     with pytest.raises(ob.InferenceOnlyError, match="train_step"):
         runner.train_step(image, np.zeros(2, np.int64))
+    with pytest.raises(ob.InferenceOnlyError, match="set_lr"):
+        runner.set_lr(0.01)
     assert runner.optimizer_state() == {}
     runner.set_optimizer_state({})
     with pytest.raises(WeightsError, match="inference-only"):

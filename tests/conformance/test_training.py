@@ -1,11 +1,13 @@
 """Training equivalence with the NumPy reference: from the same canonical weights and the same
-seeded batches, a few SGD steps with momentum and weight decay in the backend give the
-reference's losses, weights, running statistics and momentum buffers to 1e-4 relative, in every
-layout the backend supports, both through its Runner and through `multires.train.train`."""
+seeded batches, a few SGD steps with momentum, weight decay and a learning rate changed before
+every step (`set_lr`, as a schedule does) in the backend give the reference's losses, weights,
+running statistics and momentum buffers to 1e-4 relative, in every layout the backend supports,
+both through its Runner and through `multires.train.train` (with a cosine schedule)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ from multires.train import train
 
 RTOL = 1e-4
 OPTIMIZER = SGD(lr=0.05, momentum=0.9, weight_decay=1e-3)
+RATES = (0.05, 0.02, 0.08)
+"""The learning rate of each step of the Runner test, set with `set_lr`."""
 SEED = 0
 SIZE = 16
 BATCH = 4
@@ -65,7 +69,9 @@ def test_sgd_steps_match_the_reference(trainable: str, layout: str) -> None:
     for step, idx in enumerate(batch_indices(len(TRAIN), BATCH, seed=SEED, epoch=0)):
         labels = TRAIN.labels[idx].astype(np.int64)
         x = to_input(TRAIN.images[idx], "NCHW")
-        loss, weights, state = reference.sgd_step(graph, weights, x, labels, OPTIMIZER, state)
+        optimizer = replace(OPTIMIZER, lr=RATES[step])
+        runner.set_lr(optimizer.lr)
+        loss, weights, state = reference.sgd_step(graph, weights, x, labels, optimizer, state)
         got_loss, logits = runner.train_step(to_input(TRAIN.images[idx], layout), labels)
         where = f"{trainable} {layout} step {step}"
         assert got_loss == pytest.approx(loss, rel=RTOL), where
@@ -79,12 +85,13 @@ def test_sgd_steps_match_the_reference(trainable: str, layout: str) -> None:
 def test_the_trainer_matches_the_reference(trainable: str, layout: str) -> None:
     graph = small_d2l_resnet()
     settings = dict(
-        epochs=1, lr=OPTIMIZER.lr, momentum=OPTIMIZER.momentum, weight_decay=OPTIMIZER.weight_decay,
-        batch_size=BATCH, seed=SEED, data=(TRAIN, TEST), progress=False,
+        epochs=2, lr=OPTIMIZER.lr, schedule="cosine", momentum=OPTIMIZER.momentum,
+        weight_decay=OPTIMIZER.weight_decay, batch_size=BATCH, seed=SEED, data=(TRAIN, TEST), progress=False,
     )  # fmt: skip
     expected = train(graph, "reference", **settings)
     got = train(graph, trainable, layout=layout, **settings)
     assert got.config["layout"] == layout
     assert expected.runner is not None and got.runner is not None
-    assert got.epochs[0].train_loss == pytest.approx(expected.epochs[0].train_loss, rel=RTOL)
+    for ours, reference_epoch in zip(got.epochs, expected.epochs, strict=True):
+        assert ours.train_loss == pytest.approx(reference_epoch.train_loss, rel=RTOL)
     assert_close(got.runner.weights(), expected.runner.weights(), f"{trainable} {layout} trained weights")

@@ -25,7 +25,7 @@ from multires.backend import SGD
 from multires.data import CLASSES, Dataset, batch_indices, to_input
 from multires.errors import BackendUnavailableError, ShapeError, SpecError, TrainingError
 from multires.reference import ReferenceRunner
-from multires.train import History, read_checkpoint, train, xavier_weights
+from multires.train import History, learning_rate, read_checkpoint, train, xavier_weights
 from multires.weights import init_weights, load_file
 
 HERE = Path(__file__).resolve().parent
@@ -83,6 +83,21 @@ class SlowRunner(Float32Runner):
         return result
 
 
+def StopAfter(steps: int) -> type[Float32Runner]:  # noqa: N802 (a class factory)
+    """A Float32Runner class whose runs exit (SystemExit) at the start of step `steps` + 1."""
+
+    class Stopping(Float32Runner):
+        taken = 0
+
+        def train_step(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+            if Stopping.taken == steps:
+                raise SystemExit(f"stopped after {steps} steps")
+            Stopping.taken += 1
+            return super().train_step(x, labels)
+
+    return Stopping
+
+
 RUN = dict(epochs=3, lr=0.1, momentum=0.9, weight_decay=1e-3, batch_size=8, seed=3, progress=False)
 """The settings of the checkpoint tests: 8 steps per epoch on DATA."""
 
@@ -128,6 +143,32 @@ def test_training_takes_the_reference_sgd_steps_on_the_seeded_batches() -> None:
     first = sum(loss * n for loss, n in losses[:4]) / 60
     assert history.epochs[0].train_loss == pytest.approx(first, rel=1e-12)
     assert [e.examples for e in history.epochs] == [60, 60]
+
+
+def test_learning_rate_schedules() -> None:
+    assert [learning_rate("constant", 0.1, step, 4) for step in range(4)] == [0.1] * 4
+    cosine = [learning_rate("cosine", 0.1, step, 4) for step in range(4)]
+    assert cosine == pytest.approx([0.1, 0.1 * (1 + 2**-0.5) / 2, 0.05, 0.1 * (1 - 2**-0.5) / 2], rel=1e-15)
+    with pytest.raises(TrainingError, match="unknown schedule 'step'; use one of constant, cosine"):
+        learning_rate("step", 0.1, 0, 4)
+
+
+def test_a_cosine_schedule_sets_each_steps_rate_over_the_whole_run() -> None:
+    graph = tiny_graph()
+    history = train(
+        graph, "reference", epochs=2, lr=0.05, schedule="cosine", momentum=0.9, batch_size=16, seed=7,
+        data=DATA, progress=False,
+    )  # fmt: skip
+    weights, state = init_weights(graph, 7, (1, 1, 6, 6)), {}
+    steps = [idx for epoch in range(2) for idx in batch_indices(60, 16, seed=7, epoch=epoch)]
+    for step, idx in enumerate(steps):
+        optimizer = SGD(lr=0.05 * (1 + np.cos(np.pi * step / len(steps))) / 2, momentum=0.9)
+        x = to_input(DATA[0].images[idx], "NCHW")
+        _, weights, state = reference.sgd_step(graph, weights, x, DATA[0].labels[idx], optimizer, state)
+    trained = weights_of(history)
+    for name, value in weights.items():
+        np.testing.assert_allclose(trained[name], value.astype(np.float32), rtol=0, atol=0, err_msg=name)
+    assert history.config["schedule"] == "cosine"
 
 
 def test_training_learns_and_reports_like_the_book() -> None:
@@ -331,6 +372,21 @@ def test_resuming_from_every_checkpoint_is_exact(tmp_path: Path) -> None:
     assert [e.train_loss for e in resumed.epochs] == [e.train_loss for e in whole.epochs]
     assert [e.test_acc for e in resumed.epochs] == [e.test_acc for e in whole.epochs]
     assert resumed.config["epochs"] == 3
+
+
+def test_a_cosine_run_resumes_exactly_and_only_with_its_length(tmp_path: Path) -> None:
+    cosine = {**RUN, "schedule": "cosine"}
+    whole = train(tiny_graph(), Float32Runner, data=DATA, **cosine)
+    part = tmp_path / "part"
+    with pytest.raises(SystemExit):
+        train(tiny_graph(), StopAfter(14), data=DATA, out=part, checkpoint_every=5, **cosine)
+    record = read_checkpoint(part)
+    assert record is not None and (record["position"]["epoch"], record["position"]["step"]) == (1, 5)
+    with pytest.raises(TrainingError, match=r"epochs: 3 -> 4"):
+        train(tiny_graph(), Float32Runner, data=DATA, out=part, resume=True, **{**cosine, "epochs": 4})
+    resumed = train(tiny_graph(), Float32Runner, data=DATA, out=part, resume=True, **cosine)
+    assert_same_weights(weights_of(resumed), weights_of(whole))
+    assert [e.train_loss for e in resumed.epochs] == [e.train_loss for e in whole.epochs]
 
 
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:

@@ -166,3 +166,10 @@ def bench_train(session: nox.Session) -> None:
     """One epoch of d2l_resnet18 on Fashion-MNIST (28x28) per backend: accuracy and examples/s."""
     _install(session, *PINS["torch"], *PINS["tf"], *PINS["flax"])
     session.run("python", "benchmarks/bench_train.py", *(session.posargs or ["torch", "tf", "flax"]))
+
+
+@nox.session(name="bench-train-mxnet", python=PYTHON)
+def bench_train_mxnet(session: nox.Session) -> None:
+    """The training benchmark in MXNet's own environment (numpy<1.24); its row joins bench-train's table."""
+    _install(session, *PINS["mxnet"])
+    session.run("python", "benchmarks/bench_train.py", "mxnet", *session.posargs)

@@ -3,8 +3,9 @@
     python benchmarks/bench_train.py torch                 # the full 60,000 images at 28 x 28
     python benchmarks/bench_train.py tf flax --limit 1024  # a quick smoke run
 
-The settings are the book's (SGD, lr 0.05, batch 256, seed 0) at 28 x 28 rather than 96 x 96, so
-that a CPU finishes in minutes. Each backend usually lives in its own environment (their pins
+The settings are `multires train`'s defaults (SGD; learning rate, schedule, momentum and batch
+size as `multires.train.train` defines them; seed 0) at 28 x 28 rather than the book's 96 x 96,
+so that a CPU finishes in minutes; the schedule spans the benchmark's epochs. Each backend usually lives in its own environment (their pins
 conflict), so every run merges its rows into `benchmarks/results/train.json` (one row per
 backend, layout, image size and limit; the latest wins) and rewrites the table
 `benchmarks/results/train.md` from all rows, with the machine each row was measured on. This is
@@ -14,6 +15,7 @@ not a timed test: run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from multires.backend import canonical_name, get_backend
 from multires.errors import BackendNotFoundError, BackendUnavailableError
-from multires.train import train
+from multires.train import SCHEDULES, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -70,6 +72,8 @@ def run(backend: str, args: argparse.Namespace) -> dict[str, object]:
         backend,
         epochs=args.epochs,
         lr=args.lr,
+        schedule=args.schedule,
+        momentum=args.momentum,
         batch_size=args.batch_size,
         seed=0,
         resize=args.resize,
@@ -89,6 +93,8 @@ def run(backend: str, args: argparse.Namespace) -> dict[str, object]:
         "train_examples": history.config["train_examples"],
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "schedule": args.schedule,
+        "momentum": args.momentum,
         "train_loss": round(last.train_loss, 4),
         "train_acc": round(last.train_acc, 4),
         "test_acc": round(last.test_acc, 4),
@@ -102,9 +108,9 @@ def run(backend: str, args: argparse.Namespace) -> dict[str, object]:
 
 def merge(rows: list[dict[str, object]], path: Path) -> list[dict[str, object]]:
     """Rows of `path` updated with `rows` (same backend, layout, image size and limit replaced)."""
-    key = ("backend", "layout", "image", "limit", "epochs")
+    key = ("backend", "layout", "image", "limit", "epochs", "schedule", "momentum", "lr", "batch_size")
     old = json.loads(path.read_text()) if path.is_file() else []
-    fresh = {tuple(r[k] for k in key) for r in rows}
+    fresh = {tuple(r.get(k) for k in key) for r in rows}
     kept = [r for r in old if tuple(r.get(k) for k in key) not in fresh]
     return sorted(kept + rows, key=lambda r: (r["limit"] is not None, str(r["image"]), str(r["backend"])))
 
@@ -118,14 +124,15 @@ def markdown(rows: list[dict[str, object]]) -> str:
         "initial weights). Examples/s counts training steps only (as the book does); wall time includes",
         "the test-set evaluation. Rows with a limit are smoke runs on the first N train and test images.",
         "",
-        "| backend | framework | layout | image | epochs | train examples | batch | lr | train loss "
-        "| train acc | test acc | examples/s | wall s | limit | date | machine |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
+        "| backend | framework | layout | image | epochs | train examples | batch | lr | schedule | momentum "
+        "| train loss | train acc | test acc | examples/s | wall s | limit | date | machine |",
+        "|---|---|---|---|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['backend']} | {r['framework']} | {r['layout']} | {r['image']} | {r['epochs']} "
-            f"| {r['train_examples']} | {r['batch_size']} | {r['lr']} | {r['train_loss']:.3f} "
+            f"| {r['train_examples']} | {r['batch_size']} | {r['lr']} | {r.get('schedule', 'constant')} "
+            f"| {r.get('momentum', 0.0)} | {r['train_loss']:.3f} "
             f"| {r['train_acc']:.3f} | {r['test_acc']:.3f} | {r['examples_per_sec']:.1f} | {r['wall_seconds']:.0f} "
             f"| {r['limit'] if r['limit'] is not None else 'full'} | {r['date']} | {r['machine']} (Python {r['python']}) |"
         )
@@ -135,9 +142,16 @@ def markdown(rows: list[dict[str, object]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("backends", nargs="+", help="backends to train in, e.g. torch tf flax mxnet")
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(train).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=defaults["lr"])
+    parser.add_argument("--schedule", choices=SCHEDULES, default=defaults["schedule"])
+    parser.add_argument("--momentum", type=float, default=defaults["momentum"])
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
     parser.add_argument("--resize", type=int, help="image size (default: the original 28 x 28)")
     parser.add_argument("--limit", type=int, metavar="N", help="first N train and test images (smoke run)")
     parser.add_argument("--layout", help="NCHW or NHWC (default: each backend's own)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -276,19 +277,48 @@ def backends_command(args: argparse.Namespace) -> int:
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    from multires.train import SCHEDULES, train
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(train).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
     _add_model_arguments(parser)
     add = parser.add_argument
     add("--backend", default="torch", help="a backend (see `multires backends`) or 'reference' (NumPy, slow)")
-    add("--epochs", type=int, default=10, help="epochs to train (default 10)")
-    add("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
+    add(
+        "--epochs",
+        type=int,
+        default=defaults["epochs"],
+        help=f"epochs to train (default {defaults['epochs']})",
+    )
+    add("--lr", type=float, default=defaults["lr"], help=f"SGD learning rate (default {defaults['lr']})")
     add(
         "--schedule",
-        default="constant",
-        help="learning-rate schedule: constant (the book) or cosine (annealed to zero over the run)",
+        default=defaults["schedule"],
+        choices=SCHEDULES,
+        help=f"learning-rate schedule: constant (the book's) or cosine, annealed to zero over the run "
+        f"(default {defaults['schedule']})",
     )
-    add("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
-    add("--weight-decay", type=float, default=0.0, help="SGD weight decay (default 0)")
-    add("--batch-size", type=int, default=256, help="examples per step (default 256)")
+    add(
+        "--momentum",
+        type=float,
+        default=defaults["momentum"],
+        help=f"SGD momentum (default {defaults['momentum']})",
+    )
+    add(
+        "--weight-decay",
+        type=float,
+        default=defaults["weight_decay"],
+        help=f"SGD weight decay (default {defaults['weight_decay']})",
+    )
+    add(
+        "--batch-size",
+        type=int,
+        default=defaults["batch_size"],
+        help=f"examples per step (default {defaults['batch_size']})",
+    )
     add("--resize", type=int, metavar="SIZE", help="resize the 28 x 28 images to SIZE x SIZE (the book: 96)")
     add("--limit", type=int, metavar="N", help="keep the first N training and test examples")
     add("--seed", type=int, default=0, help="seed of the initial weights and the batch order (default 0)")

@@ -1,15 +1,19 @@
 """Training on Fashion-MNIST in any backend: one loop that drives a `multires.backend.Runner`.
 
-`train("d2l_resnet18", backend="torch", epochs=10, lr=0.05, batch_size=256, resize=96)` is the
-book's experiment (*Dive into Deep Learning*, "Residual Networks"): SGD on mean softmax
-cross-entropy, with per-epoch train loss and accuracy (averaged over the epoch's batches, as
-the book does), test accuracy (eval mode) and examples/s. The data, its order and the initial
-weights are framework-neutral (`multires.data`, `multires.weights.init_weights`), so every
-backend follows the same curve from the same seed.
+`train("d2l_resnet18", backend="torch", epochs=10, lr=0.05, batch_size=256, resize=96,
+momentum=0, schedule="constant")` is the book's experiment (*Dive into Deep Learning*, "Residual
+Networks"): SGD on mean softmax cross-entropy, with per-epoch train loss and accuracy (averaged
+over the epoch's batches, as the book does), test accuracy (eval mode) and examples/s. The
+defaults keep the book's learning rate and batch size but add momentum 0.9 and a cosine
+schedule, the usual ResNet recipe: on 28 x 28 images two epochs then reach a test accuracy the
+book's constant-rate plain SGD does not (0.857-0.870 with it, whatever the batch size or rate
+among the book's). The data, its order and the initial weights are framework-neutral
+(`multires.data`, `multires.weights.init_weights`), so every backend follows the same curve
+from the same seed.
 
 With `out`, a run writes `history.json`, `history.csv` and `history.png` (the book's plot)
-after each epoch, the trained weights as `weights.safetensors` at the end, and a checkpoint at the end of each epoch and every `checkpoint_every` steps:
-canonical weights and momentum buffers (`.safetensors`) in a fresh folder under
+after each epoch, the trained weights as `weights.safetensors` at the end, and a checkpoint at
+the end of each epoch and every `checkpoint_every` steps: canonical weights and momentum buffers (`.safetensors`) in a fresh folder under
 `checkpoints/`, then `checkpoint.json` (position, partial-epoch sums, history, config) swapped
 in atomically, so a run killed at any instant resumes from the last complete checkpoint.
 Because the batch order is a pure function of `(seed, epoch)`, `resume=True` replays exactly
@@ -261,8 +265,8 @@ def train(
     *,
     epochs: int = 10,
     lr: float = 0.05,
-    schedule: str = "constant",
-    momentum: float = 0.0,
+    schedule: str = "cosine",
+    momentum: float = 0.9,
     weight_decay: float = 0.0,
     batch_size: int = 256,
     seed: int = 0,

@@ -98,7 +98,16 @@ def StopAfter(steps: int) -> type[Float32Runner]:  # noqa: N802 (a class factory
     return Stopping
 
 
-RUN = dict(epochs=3, lr=0.1, momentum=0.9, weight_decay=1e-3, batch_size=8, seed=3, progress=False)
+RUN = dict(
+    epochs=3,
+    lr=0.1,
+    schedule="constant",
+    momentum=0.9,
+    weight_decay=1e-3,
+    batch_size=8,
+    seed=3,
+    progress=False,
+)
 """The settings of the checkpoint tests: 8 steps per epoch on DATA."""
 
 
@@ -125,7 +134,8 @@ def test_training_takes_the_reference_sgd_steps_on_the_seeded_batches() -> None:
     graph = tiny_graph()
     optimizer = SGD(lr=0.05, momentum=0.9, weight_decay=1e-2)
     history = train(
-        graph, "reference", epochs=2, lr=0.05, momentum=0.9, weight_decay=1e-2, batch_size=16, seed=7,
+        graph, "reference", epochs=2, lr=0.05, schedule="constant", momentum=0.9, weight_decay=1e-2,
+        batch_size=16, seed=7,
         data=DATA, progress=False,
     )  # fmt: skip
     weights, state = init_weights(graph, 7, (1, 1, 6, 6)), {}
@@ -453,7 +463,8 @@ def test_cli_train_prints_the_book_line_and_resumes(
     monkeypatch.chdir(tmp_path)
     args = [
         "train", "d2l_resnet", "--option", "arch=((1, 64),)", "--backend", "reference", "--epochs", "1",
-        "--lr", "0.05", "--batch-size", "16", "--limit", "32", "--resize", "8", "--data", "fashion", "--no-plot",
+        "--lr", "0.05", "--batch-size", "16", "--limit", "32", "--resize", "8", "--data", "fashion",
+        "--schedule", "constant", "--no-plot",
     ]  # fmt: skip
     assert main(args) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -471,5 +482,9 @@ def test_cli_train_prints_the_book_line_and_resumes(
     assert main([*args, "--resume", "--epochs", "2"]) == 0
     assert capsys.readouterr().err.startswith("epoch 2/2: loss "), "the resumed run trains epoch 2 only"
     assert len(json.loads((run / "history.json").read_text())["epochs"]) == 2
+    assert main([*args[:-3], "--out", "defaults", "--no-plot"]) == 0
+    defaults = json.loads((tmp_path / "defaults" / "history.json").read_text())["config"]
+    assert (defaults["schedule"], defaults["momentum"], defaults["lr"]) == ("cosine", 0.9, 0.05)
+    capsys.readouterr()
     assert main([*args[:-1], "--out", "other", "--lr", "-1"]) == 2
     assert capsys.readouterr().err.startswith("error: lr must be a finite number > 0")

@@ -23,7 +23,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from common import compare, compare_columns, format_table, interleave, time_calls, write_json
+from common import Row, compare, compare_columns, format_table, interleave, time_calls, write_json
 
 import multires
 from multires import reference
@@ -240,24 +240,6 @@ class Runner:
         )
 
 
-@dataclass(frozen=True)
-class Row:
-    """One table row: images/s by wall clock and per CPU-second, and first-call seconds."""
-
-    model: str
-    input: str
-    mode: str
-    precision: str
-    handwritten: float
-    multires: float
-    ratio: float
-    handwritten_cpu: float
-    multires_cpu: float
-    cpu_ratio: float
-    handwritten_first_s: float
-    multires_first_s: float
-
-
 COLUMNS = [
     ("model", "model", ""),
     ("input", "input (NHWC)", ""),
@@ -301,14 +283,14 @@ def bench(case: Case, batch: int, size: int, rounds: int, calls: int, precision:
         candidates = {name: getattr(runner, mode) for name, runner in runners.items()}
         first = {name: time_calls(call, 1, sync)[0] for name, call in candidates.items()}  # compile
         timings = interleave(candidates, rounds, calls, warmup=0, sync=sync)
-        row = Row(
-            case.model,
-            f"{batch}x{size}x{size}x{case.channels}",
-            mode,
-            precision,
+        row = {
+            "model": case.model,
+            "input": f"{batch}x{size}x{size}x{case.channels}",
+            "mode": mode,
+            "precision": precision,
             **compare(timings, first, batch),
-        )
-        print(format_table([asdict(row)], COLUMNS).splitlines()[-1], flush=True)
+        }
+        print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
         rows.append(row)
     return rows
 
@@ -340,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         case = CASES[name]
         rows += bench(case, batch, 64 if args.quick else case.size, rounds, calls, args.precision)
     print("\nmultires vs hand-written Flax; ratio = multires / hand-written (target >= 0.97):")
-    print(format_table([asdict(r) for r in rows], COLUMNS))
+    print(format_table(rows, COLUMNS))
     if args.json:
         write_json(
             args.json,

@@ -33,13 +33,13 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import mxnet as mx
 import numpy as np
-from common import compare, compare_columns, format_table, interleave, time_calls, write_json
+from common import Row, compare, compare_columns, format_table, interleave, time_calls, write_json
 from mxnet import autograd, gluon, nd
 from mxnet.gluon import nn
 
@@ -199,24 +199,6 @@ def _step_functions(model: nn.HybridBlock, optimizer: str) -> dict[str, Callable
     return {"inference": infer, "train_step": train}
 
 
-@dataclass(frozen=True)
-class Row:
-    """One table row: images/s by wall clock and per CPU-second, and first-call seconds."""
-
-    model: str
-    input: str
-    mode: str
-    variant: str
-    handwritten: float
-    multires: float
-    ratio: float
-    handwritten_cpu: float
-    multires_cpu: float
-    cpu_ratio: float
-    handwritten_first_s: float
-    multires_first_s: float
-
-
 COLUMNS = [
     ("model", "model", ""),
     ("input", "input (NCHW)", ""),
@@ -254,14 +236,14 @@ def bench(case: Case, batch: int, size: int, rounds: int, calls: int, optimizer:
         first = {name: time_calls(call, 1, nd.waitall)[0] for name, call in candidates.items()}
         timings = interleave(candidates, rounds, calls, warmup=0, sync=nd.waitall)
         variant = "hybridized, static" if static else "hybridized"
-        row = Row(
-            case.model,
-            f"{batch}x{case.channels}x{size}x{size}",
-            mode,
-            variant,
+        row = {
+            "model": case.model,
+            "input": f"{batch}x{case.channels}x{size}x{size}",
+            "mode": mode,
+            "variant": variant,
             **compare(timings, first, batch),
-        )
-        print(format_table([asdict(row)], COLUMNS).splitlines()[-1], flush=True)
+        }
+        print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
         rows.append(row)
     return rows
 
@@ -291,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         case = CASES[name]
         rows += bench(case, batch, 64 if args.quick else case.size, rounds, calls, args.optimizer)
     print("\nmultires vs hand-written Gluon; ratio = multires / hand-written (target >= 0.97):")
-    print(format_table([asdict(r) for r in rows], COLUMNS))
+    print(format_table(rows, COLUMNS))
     if args.json:
         write_json(
             args.json,

@@ -17,36 +17,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnxruntime as ort
 import torch
-from common import compare, compare_columns, format_table, interleave, time_calls, write_json
+from common import Row, compare, compare_columns, format_table, interleave, time_calls, write_json
 
 import multires
 from multires import reference
 
 CASES = {"resnet50": 224, "d2l_resnet18": 96}
 """Zoo model -> image size."""
-
-
-@dataclass(frozen=True)
-class Row:
-    """One table row: images/s by wall clock and per CPU-second, and first-call seconds."""
-
-    model: str
-    input: str
-    mode: str
-    threads: int
-    torch: float
-    onnxruntime: float
-    ratio: float
-    torch_cpu: float
-    onnxruntime_cpu: float
-    cpu_ratio: float
-    torch_first_s: float
-    onnxruntime_first_s: float
 
 
 COLUMNS = [
@@ -84,14 +65,14 @@ def bench(model: str, batch: int, size: int, rounds: int, calls: int, threads: i
     if error > 1e-4:
         raise SystemExit(f"{model}: onnxruntime and torch disagree (relative error {error:.1e}).")
     timings = interleave(candidates, rounds, calls, warmup=0)
-    row = Row(
-        model,
-        f"{batch}x{channels}x{size}x{size}",
-        "inference",
-        threads,
+    row = {
+        "model": model,
+        "input": f"{batch}x{channels}x{size}x{size}",
+        "mode": "inference",
+        "threads": threads,
         **compare(timings, first, batch, subject="onnxruntime", baseline="torch"),
-    )
-    print(format_table([asdict(row)], COLUMNS).splitlines()[-1], flush=True)
+    }
+    print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
     return row
 
 
@@ -122,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models
     ]
     print("\nratio onnxruntime / PyTorch (inference, images/s):")
-    print(format_table([asdict(r) for r in rows], COLUMNS))
+    print(format_table(rows, COLUMNS))
     if args.json:
         write_json(args.json, rows, onnxruntime=ort.__version__, torch=torch.__version__, opset=opset)
     return 0

@@ -23,7 +23,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from common import format_table, interleave, time_calls, write_json  # noqa: E402
+from common import Row, compare, format_table, interleave, time_calls, write_json  # noqa: E402
 from keras import layers  # noqa: E402
 
 import multires  # noqa: E402
@@ -129,24 +129,6 @@ def _step_functions(model: keras.Model, jit: bool) -> dict[str, Callable[[Any, A
     return {"inference": infer, "train_step": train}
 
 
-@dataclass(frozen=True)
-class Row:
-    """One table row: images/s by wall clock and per CPU-second, and first-call seconds."""
-
-    model: str
-    input: str
-    mode: str
-    variant: str
-    handwritten: float
-    multires: float
-    ratio: float
-    handwritten_cpu: float
-    multires_cpu: float
-    cpu_ratio: float
-    handwritten_first_s: float
-    multires_first_s: float
-
-
 COLUMNS = [
     ("model", "model", ""),
     ("input", "input (NHWC)", ""),
@@ -187,23 +169,14 @@ def bench(case: Case, batch: int, size: int, rounds: int, calls: int, jit_modes:
             candidates = {name: _call(f[mode], x, labels) for name, f in functions.items()}
             first = {name: time_calls(call, 1)[0] for name, call in candidates.items()}  # trace, compile
             timings = interleave(candidates, rounds, calls, warmup=0)
-            rate = {name: t.rate(batch) for name, t in timings.items()}
-            cpu = {name: t.rate(batch, "cpu") for name, t in timings.items()}
-            row = Row(
-                case.model,
-                f"{batch}x{size}x{size}x{case.channels}",
-                mode,
-                "xla" if jit else "graph",
-                rate["handwritten"],
-                rate["multires"],
-                rate["multires"] / rate["handwritten"],
-                cpu["handwritten"],
-                cpu["multires"],
-                cpu["multires"] / cpu["handwritten"],
-                first["handwritten"],
-                first["multires"],
-            )
-            print(format_table([asdict(row)], COLUMNS).splitlines()[-1], flush=True)
+            row = {
+                "model": case.model,
+                "input": f"{batch}x{size}x{size}x{case.channels}",
+                "mode": mode,
+                "variant": "xla" if jit else "graph",
+                **compare(timings, first, batch),
+            }
+            print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
             rows.append(row)
     return rows
 
@@ -236,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         case = CASES[name]
         rows += bench(case, batch, 32 if args.quick else case.size, rounds, calls, jit_modes)
     print("\nmultires vs hand-written Keras; ratio = multires / hand-written (target >= 0.97):")
-    print(format_table([asdict(r) for r in rows], COLUMNS))
+    print(format_table(rows, COLUMNS))
     if args.json:
         write_json(args.json, rows, tensorflow=tf.__version__, keras=keras.__version__, devices=devices)
     return 0

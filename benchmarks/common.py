@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+Row = dict[str, Any]
+"""A table row: column key -> value (`format_table` columns, `write_json` rows)."""
+
 
 @dataclass(frozen=True)
 class Timing:

@@ -19,7 +19,6 @@ benchmark checks their outputs agree before timing. Both use the same matmul/con
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -33,7 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from common import Row, compare, compare_columns, format_table, interleave, time_calls, write_json
+from common import (
+    Row,
+    benchmark_parser,
+    compare,
+    compare_columns,
+    format_table,
+    interleave,
+    time_calls,
+    write_json,
+)
 
 import multires
 from multires import reference
@@ -296,12 +304,7 @@ def bench(case: Case, batch: int, size: int, rounds: int, calls: int, precision:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CI smoke run: batch 4, 64x64 images, 1 round")
-    parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=sorted(CASES))
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median taken)")
-    parser.add_argument("--calls", "--iters", type=int, default=3, help="timed steps per round")
+    parser = benchmark_parser(__doc__, sorted(CASES), rounds=5, calls=3)
     parser.add_argument(
         "--precision",
         choices=("highest", "default"),
@@ -309,7 +312,6 @@ def main(argv: list[str] | None = None) -> int:
         help="conv/matmul precision of both models: 'highest' is exact float32 (multires' default), "
         "'default' lets GPUs use TF32",
     )
-    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     batch, rounds, calls = (4, 1, 1) if args.quick else (args.batch, args.rounds, args.calls)
     devices = ", ".join(str(d) for d in jax.devices())

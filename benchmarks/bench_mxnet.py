@@ -28,7 +28,6 @@ shared machine.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -39,7 +38,16 @@ from typing import Any
 
 import mxnet as mx
 import numpy as np
-from common import Row, compare, compare_columns, format_table, interleave, time_calls, write_json
+from common import (
+    Row,
+    benchmark_parser,
+    compare,
+    compare_columns,
+    format_table,
+    interleave,
+    time_calls,
+    write_json,
+)
 from mxnet import autograd, gluon, nd
 from mxnet.gluon import nn
 
@@ -249,19 +257,13 @@ def bench(case: Case, batch: int, size: int, rounds: int, calls: int, optimizer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CI smoke run: batch 4, 64x64 images, 1 round")
-    parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=sorted(CASES))
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median taken)")
-    parser.add_argument("--calls", "--iters", type=int, default=3, help="timed steps per round")
+    parser = benchmark_parser(__doc__, sorted(CASES), rounds=5, calls=3)
     parser.add_argument(
         "--optimizer",
         choices=("sgd", "pytorch"),
         default="sgd",
         help="MXNet's 'sgd' or the runner's PyTorchSGD, the same for both models (momentum 0.9)",
     )
-    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     batch, rounds, calls = (4, 1, 1) if args.quick else (args.batch, args.rounds, args.calls)
     features = mx.runtime.Features()

@@ -14,14 +14,22 @@ the wall clock also measures the neighbours; see common.py), and the seconds of 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 import onnxruntime as ort
 import torch
-from common import Row, compare, compare_columns, format_table, interleave, time_calls, write_json
+from common import (
+    Row,
+    benchmark_parser,
+    compare,
+    compare_columns,
+    format_table,
+    interleave,
+    time_calls,
+    write_json,
+)
 
 import multires
 from multires import reference
@@ -77,19 +85,13 @@ def bench(model: str, batch: int, size: int, rounds: int, calls: int, threads: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CI smoke run: batch 4, 64x64 images, 1 round")
-    parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=list(CASES))
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median taken)")
-    parser.add_argument("--calls", "--iters", type=int, default=3, help="timed forward passes per round")
+    parser = benchmark_parser(__doc__, list(CASES), rounds=5, calls=3)
     parser.add_argument(
         "--threads",
         type=int,
         default=torch.get_num_threads(),
         help="intra-op threads of both (torch's default)",
     )
-    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     batch, rounds, calls = (4, 1, 1) if args.quick else (args.batch, args.rounds, args.calls)
     torch.set_num_threads(args.threads)

@@ -19,7 +19,6 @@ weights into both and checks their outputs agree before timing.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -31,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from common import Row, compare, format_table, interleave, time_calls, write_json  # noqa: E402
+from common import Row, benchmark_parser, compare, format_table, interleave, time_calls, write_json  # noqa: E402
 from keras import layers  # noqa: E402
 
 import multires  # noqa: E402
@@ -187,16 +186,10 @@ def _call(function: Callable[[Any, Any], Any], x: Any, labels: Any) -> Callable[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="CI smoke run: batch 2, 32x32 images, 1 round of 1 step, no XLA"
+    parser = benchmark_parser(
+        __doc__, sorted(CASES), rounds=3, calls=1, quick="batch 2, 32x32 images, 1 round of 1 step, no XLA"
     )
-    parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=sorted(CASES))
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median taken)")
-    parser.add_argument("--calls", type=int, default=1, help="timed calls per round")
     parser.add_argument("--no-jit", action="store_true", help="skip the jit_compile=True runs")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     batch, rounds, calls = (2, 1, 1) if args.quick else (args.batch, args.rounds, args.calls)
     jit_modes = [False] if args.no_jit or args.quick else [False, True]

@@ -10,6 +10,7 @@ fields and table columns of a row comparing two candidates (rates, ratios, first
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -141,3 +142,18 @@ def write_json(path: str | Path, rows: Sequence[Any], **meta: Any) -> None:
     """Write benchmark rows (dataclasses or mappings) and metadata as JSON."""
     data = {**meta, "rows": [asdict(r) if hasattr(r, "__dataclass_fields__") else dict(r) for r in rows]}
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def benchmark_parser(
+    doc: str, models: Sequence[str], rounds: int, calls: int, quick: str = "batch 4, 64x64 images, 1 round"
+) -> argparse.ArgumentParser:
+    """A parser with the options every benchmark takes (`--quick`, `--models`, `--batch`,
+    `--rounds`, `--calls`, `--json`); a script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"CI smoke run: {quick}")
+    parser.add_argument("--models", nargs="+", choices=sorted(models), default=list(models))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds (median taken)")
+    parser.add_argument("--calls", "--iters", type=int, default=calls, help="timed calls per round")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    return parser

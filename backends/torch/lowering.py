@@ -18,7 +18,9 @@ How spec semantics map onto PyTorch:
 - ReLU and Add work in place where that cannot change any other value or gradient
   (`LoweringContext.can_overwrite`), as torchvision's `ReLU(inplace=True)` and `out += identity`.
 - `layout="NHWC"`: the input is permuted to NCHW at entry and 4-D outputs back at exit; the
-  weights are unchanged. Flatten is always channel-major, as the spec defines it.
+  weights are unchanged. A strided 1x1 convolution takes its input NCHW-contiguous (a no-op
+  unless it is channels_last): PyTorch 2.13's CPU weight gradient of that layer is racy on
+  channels_last inputs. Flatten is always channel-major, as the spec defines it.
 - Each input first passes an `InputCheck` module: a wrong rank, channel count or layout raises
   `multires.ShapeError` naming the expected shape.
 """
@@ -118,6 +120,11 @@ lowers = LOWERINGS.register
 @lowers(Conv2d)
 def _conv2d(ctx: LoweringContext, node: Conv2d, inputs: list[fx.Node]) -> fx.Node:
     padding, x = ctx.pad(node, inputs[0], 0.0)
+    if node.kernel == (1, 1) and node.stride != (1, 1):
+        # PyTorch 2.13's CPU (oneDNN, 2+ threads) weight gradient of a strided 1x1 convolution is
+        # racy on channels_last inputs (NHWC layout, or a model moved to channels_last): off by
+        # O(1) in some runs. NCHW-contiguous input avoids it; for NCHW input this is a no-op.
+        x = ctx.fx_graph.call_method("contiguous", (x,))
     conv = nn.Conv2d(
         ctx.channels(node.inputs[0]),
         node.out_channels,

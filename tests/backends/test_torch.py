@@ -451,3 +451,34 @@ def test_load_weights_names_every_problem() -> None:
     assert "missing fc.bias (10,)" in message
     assert "bn1.weight: shape (3,), expected (64,)" in message
     assert "unexpected bn1.num_batches_tracked" in message
+
+
+def test_strided_1x1_conv_gradients_are_exact_in_nhwc() -> None:
+    """PyTorch 2.13's CPU weight gradient of a strided 1x1 convolution is racy on channels_last
+    input (the NHWC layout); the lowering feeds it NCHW-contiguous input, so every repetition
+    gives the reference's gradient."""
+    graph = multires.Graph(
+        "strided_1x1",
+        multires.Input("x", 3),
+        (
+            multires.Conv2d("conv3x3", "x", out_channels=4, kernel=3, stride=2, padding=1),
+            multires.Conv2d("conv1x1", "conv3x3", out_channels=4, kernel=1, stride=2),
+            multires.Flatten("flatten", "conv1x1"),
+            multires.Dense("fc", "flatten", out_features=5),
+        ),
+        "fc",
+    )
+    weights = multires.random_weights(graph, seed=0, input_shape=(4, 3, 8, 12))
+    x = np.random.default_rng(0).standard_normal((4, 8, 12, 3)).astype(np.float32)
+    labels = np.array([0, 1, 2, 3])
+    model = tb.load_weights(tb.build(graph, "NHWC"), weights)
+    grads = []
+    for _ in range(200):
+        model.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(labels))
+        loss.backward()
+        grads.append(model.conv1x1.weight.grad.double().numpy())
+    _, expected, _ = multires.reference.loss_and_grads(graph, weights, x.transpose(0, 3, 1, 2), labels)
+    scale = np.abs(expected["conv1x1.weight"]).max()
+    for grad in grads:
+        assert np.abs(grad - expected["conv1x1.weight"]).max() <= 1e-4 * scale

@@ -15,7 +15,6 @@ not a timed test: run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from multires.backend import canonical_name, get_backend
 from multires.errors import BackendNotFoundError, BackendUnavailableError
-from multires.train import SCHEDULES, train
+from multires.train import SCHEDULES, train, train_defaults
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -142,11 +141,7 @@ def markdown(rows: list[dict[str, object]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("backends", nargs="+", help="backends to train in, e.g. torch tf flax mxnet")
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(train).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
+    defaults = train_defaults()
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=defaults["lr"])
     parser.add_argument("--schedule", choices=SCHEDULES, default=defaults["schedule"])

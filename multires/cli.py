@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import inspect
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -277,13 +276,9 @@ def backends_command(args: argparse.Namespace) -> int:
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    from multires.train import SCHEDULES, train
+    from multires.train import SCHEDULES, train_defaults
 
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(train).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
+    defaults = train_defaults()
     _add_model_arguments(parser)
     add = parser.add_argument
     add("--backend", default="torch", help="a backend (see `multires backends`) or 'reference' (NumPy, slow)")

@@ -23,6 +23,7 @@ with the same weights as an uninterrupted run (on a deterministic backend).
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import math
@@ -83,11 +84,15 @@ def learning_rate(schedule: str, lr: float, step: int, total: int) -> float:
     """The rate of step `step` (0-based) of a run of `total` steps: `lr` ("constant"), or
     `lr * (1 + cos(pi * step / total)) / 2` ("cosine": `torch.optim.lr_scheduler.CosineAnnealingLR`
     with `T_max=total`, stepped after every batch)."""
-    if schedule == "constant":
-        return lr
+    _check_schedule(schedule)
     if schedule == "cosine":
         return lr * (1.0 + math.cos(math.pi * step / total)) / 2.0
-    raise TrainingError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}.")
+    return lr
+
+
+def _check_schedule(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise TrainingError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}.")
 
 
 @dataclass(frozen=True)
@@ -309,8 +314,7 @@ def train(
     )
     if init not in INITS:
         raise TrainingError(f"unknown init {init!r}; use one of {', '.join(INITS)}.")
-    if schedule not in SCHEDULES:
-        raise TrainingError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}.")
+    _check_schedule(schedule)
     if resume and out is None:
         raise TrainingError("resume=True needs the run folder `out` that holds the checkpoint.")
     if out is not None and not resume and (record := read_checkpoint(out)) is not None:
@@ -377,6 +381,16 @@ def train(
         weights_io.save(runner.weights(), folder / "weights.safetensors", graph)
     history.runner = runner
     return history
+
+
+def train_defaults() -> dict[str, Any]:
+    """`train`'s keyword defaults (epochs, lr, schedule, momentum, batch size, ...): the one
+    source the CLI and the training benchmark read theirs from."""
+    return {
+        name: p.default
+        for name, p in inspect.signature(train).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 def _check_settings(counts: Mapping[str, Any], rates: Mapping[str, Any]) -> None:

@@ -10,6 +10,7 @@ from multires.backend import SGD, Runner, available_backends, backends, build, g
 from multires.errors import (
     BackendNotFoundError,
     BackendUnavailableError,
+    InterchangeError,
     ModelNotFoundError,
     MultiresError,
     ShapeError,
@@ -28,6 +29,7 @@ from multires.graph import (
     Input,
     MaxPool2d,
     Node,
+    Pad2d,
     ReLU,
 )
 from multires.shapes import infer_shapes, macs, param_count, summarize
@@ -43,6 +45,7 @@ __all__ = [
     "BackendNotFoundError",
     "BackendUnavailableError",
     "BatchNorm",
+    "InterchangeError",
     "Conv2d",
     "Dense",
     "Flatten",
@@ -53,6 +56,7 @@ __all__ = [
     "ModelNotFoundError",
     "MultiresError",
     "Node",
+    "Pad2d",
     "ReLU",
     "Runner",
     "ShapeError",

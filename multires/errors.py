@@ -38,3 +38,8 @@ class DataError(MultiresError, ValueError):
 class TrainingError(MultiresError, ValueError):
     """A training run that cannot start or resume: a bad setting, or a checkpoint that is corrupt
     or does not match the run resuming it."""
+
+
+class InterchangeError(MultiresError, ValueError):
+    """A model or checkpoint of another library that multires cannot map: the message says which
+    families and variants are supported and how to pass `graph=` for other models."""

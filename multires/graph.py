@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import pairwise
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from multires.errors import SpecError
 
@@ -24,6 +24,40 @@ SCHEMA = "multires.graph"
 Pair = tuple[int, int]
 Padding = tuple[Pair, Pair]
 """Per-side padding `((top, bottom), (left, right))`."""
+
+SAME: Literal["same"] = "same"
+"""TensorFlow/XLA's SAME padding, whose per-side pads depend on the input size (see `same_padding`)."""
+
+WindowPadding = Padding | Literal["same"]
+"""The padding of a convolution or pooling window: explicit per side, or `SAME`."""
+
+VARIANCE_CONVENTIONS = ("unbiased", "biased")
+"""How BatchNorm's running variance takes in the batch variance: PyTorch uses the unbiased
+estimate (`n / (n - 1)` times the biased one), Keras, Flax and MXNet the biased one."""
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow/XLA SAME padding of one axis: `(before, after)` for an input of `size`.
+
+    The output has `ceil(size / stride)` positions; the total padding is
+    `max((ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)`, which equals
+    `max((kernel - 1) * dilation - (size - 1) % stride, 0)`, and the smaller half goes before. With
+    stride 1 this is PyTorch's `padding='same'`; with a larger stride it is asymmetric and depends
+    on the input size (even and odd sizes differ), which PyTorch's own `'same'` does not support.
+    """
+    total = max((kernel - 1) * dilation - (size - 1) % stride, 0)
+    return (total // 2, total - total // 2)
+
+
+def resolve_padding(
+    padding: WindowPadding, size: tuple[int, int], kernel: Pair, stride: Pair, dilation: Pair = (1, 1)
+) -> Padding:
+    """Per-side padding for an input of spatial `size` `(h, w)`: explicit padding as it is, SAME
+    computed by `same_padding` per axis."""
+    if padding != SAME:
+        return padding  # type: ignore[return-value]
+    rows, cols = (same_padding(*axis) for axis in zip(size, kernel, stride, dilation, strict=True))
+    return (rows, cols)
 
 
 def symmetric_padding(padding: Padding) -> Pair | None:
@@ -61,6 +95,18 @@ def _pair(value: Any, node: Node, what: str, minimum: int = 1) -> Pair:
             f"{_where(node)}: {what} must be >= {minimum}; got {value!r}. Use a value >= {minimum}."
         )
     return (items[0], items[1])
+
+
+def _window_padding(value: Any, node: Node) -> WindowPadding:
+    """`_padding`, or `SAME` for the string "same" (any case)."""
+    if isinstance(value, str) and value.lower() == SAME:
+        return SAME
+    if isinstance(value, str):
+        raise SpecError(
+            f"{_where(node)}: padding must be explicit per side or 'same' (TensorFlow/XLA SAME), not "
+            f"{value!r}; give an int, (ph, pw), ((top, bottom), (left, right)) or 'same'."
+        )
+    return _padding(value, node)
 
 
 def _padding(value: Any, node: Node) -> Padding:
@@ -154,12 +200,16 @@ def _to_json_value(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class Conv2d(Node):
-    """2-D cross-correlation, as `torch.nn.Conv2d`. Weight OIHW `(out, in/groups, kh, kw)`."""
+    """2-D cross-correlation, as `torch.nn.Conv2d`. Weight OIHW `(out, in/groups, kh, kw)`.
+
+    `padding` is zeros per side, or `"same"`: TensorFlow/XLA SAME, pads computed from the input
+    size by `same_padding` (asymmetric for stride > 1).
+    """
 
     out_channels: int = 0
     kernel: Pair = (1, 1)
     stride: Pair = (1, 1)
-    padding: Padding = ((0, 0), (0, 0))
+    padding: WindowPadding = ((0, 0), (0, 0))
     dilation: Pair = (1, 1)
     groups: int = 1
     bias: bool = False
@@ -170,7 +220,7 @@ class Conv2d(Node):
         object.__setattr__(self, "out_channels", _positive(self.out_channels, self, "out_channels"))
         object.__setattr__(self, "kernel", _pair(self.kernel, self, "kernel"))
         object.__setattr__(self, "stride", _pair(self.stride, self, "stride"))
-        object.__setattr__(self, "padding", _padding(self.padding, self))
+        object.__setattr__(self, "padding", _window_padding(self.padding, self))
         object.__setattr__(self, "dilation", _pair(self.dilation, self, "dilation"))
         object.__setattr__(self, "groups", _positive(self.groups, self, "groups"))
         object.__setattr__(self, "bias", bool(self.bias))
@@ -187,18 +237,25 @@ class BatchNorm(Node):
 
     `momentum` is PyTorch's: the weight of the new batch statistic,
     `running = (1 - momentum) * running + momentum * batch_stat`, where the running variance
-    takes the unbiased batch variance and normalisation uses the biased one. Keras, Flax, MXNet
-    and ONNX call `1 - momentum` their momentum; backends convert.
+    takes the batch variance by `running_variance`: "unbiased" (PyTorch: `n / (n - 1)` times the
+    biased variance) or "biased" (Keras, Flax, MXNet); normalisation always uses the biased one.
+    Keras, Flax, MXNet and ONNX call `1 - momentum` their momentum; backends convert.
     """
 
     eps: float = 1e-5
     momentum: float = 0.1
+    running_variance: str = "unbiased"
 
     op: ClassVar[str] = "batchnorm"
 
     def _normalise(self) -> None:
         object.__setattr__(self, "eps", float(self.eps))
         object.__setattr__(self, "momentum", float(self.momentum))
+        if self.running_variance not in VARIANCE_CONVENTIONS:
+            raise SpecError(
+                f"{_where(self)}: running_variance must be one of {VARIANCE_CONVENTIONS} (PyTorch's "
+                f"unbiased update, or Keras/Flax/MXNet's biased one); got {self.running_variance!r}."
+            )
         if not self.eps > 0:
             raise SpecError(f"{_where(self)}: eps must be > 0; got {self.eps}.")
         if not 0 <= self.momentum <= 1:
@@ -225,11 +282,11 @@ class Add(Node):
 
 @dataclass(frozen=True)
 class MaxPool2d(Node):
-    """Max pooling; padded positions are -inf, so padding never wins the max."""
+    """Max pooling; padded positions are -inf, so padding never wins the max (also with "same")."""
 
     kernel: Pair = (1, 1)
     stride: Pair | None = None
-    padding: Padding = ((0, 0), (0, 0))
+    padding: WindowPadding = ((0, 0), (0, 0))
 
     op: ClassVar[str] = "maxpool2d"
 
@@ -239,11 +296,14 @@ class MaxPool2d(Node):
 
 @dataclass(frozen=True)
 class AvgPool2d(Node):
-    """Average pooling; with `count_include_pad` padded zeros count in the divisor (PyTorch's default)."""
+    """Average pooling; with `count_include_pad` padded zeros count in the divisor (PyTorch's default).
+
+    TensorFlow's SAME average pooling is `padding="same", count_include_pad=False`.
+    """
 
     kernel: Pair = (1, 1)
     stride: Pair | None = None
-    padding: Padding = ((0, 0), (0, 0))
+    padding: WindowPadding = ((0, 0), (0, 0))
     count_include_pad: bool = True
 
     op: ClassVar[str] = "avgpool2d"
@@ -257,13 +317,30 @@ def _normalise_pool(node: MaxPool2d | AvgPool2d) -> None:
     object.__setattr__(node, "kernel", _pair(node.kernel, node, "kernel"))
     stride = node.kernel if node.stride is None else node.stride
     object.__setattr__(node, "stride", _pair(stride, node, "stride"))
-    object.__setattr__(node, "padding", _padding(node.padding, node))
+    object.__setattr__(node, "padding", _window_padding(node.padding, node))
+    if node.padding == SAME:
+        return  # SAME pads at most kernel // 2 per side: (kernel - 1) in all, the larger half after.
     for (before, after), k in zip(node.padding, node.kernel, strict=True):
         if max(before, after) > k // 2:
             raise SpecError(
                 f"{_where(node)}: padding {node.padding} exceeds half the kernel {node.kernel}; "
                 "a window could then hold only padding. Use padding <= kernel // 2."
             )
+
+
+@dataclass(frozen=True)
+class Pad2d(Node):
+    """Zero padding per side `((top, bottom), (left, right))`, as Keras' `ZeroPadding2D` and
+    `torch.nn.ZeroPad2d`. A separate node where zeros must take part in what follows: Keras pads
+    before a max-pool with zeros, which win the max over negative values (a pool's own padding
+    never does)."""
+
+    padding: Padding = ((0, 0), (0, 0))
+
+    op: ClassVar[str] = "pad2d"
+
+    def _normalise(self) -> None:
+        object.__setattr__(self, "padding", _padding(self.padding, self))
 
 
 @dataclass(frozen=True)
@@ -295,7 +372,8 @@ class Dense(Node):
 
 
 NODE_TYPES: dict[str, type[Node]] = {
-    cls.op: cls for cls in (Conv2d, BatchNorm, ReLU, Add, MaxPool2d, AvgPool2d, GlobalAvgPool, Flatten, Dense)
+    cls.op: cls
+    for cls in (Conv2d, BatchNorm, ReLU, Add, MaxPool2d, AvgPool2d, Pad2d, GlobalAvgPool, Flatten, Dense)
 }
 """Every node type by its `op` name; backends must lower each of them."""
 

@@ -10,11 +10,13 @@ What each node computes (`x` is the node's input, `g` the gradient of its output
 
 - Conv2d: cross-correlation as `torch.nn.Conv2d`: zero padding per side
   `((top, bottom), (left, right))`, stride, dilation, groups, optional bias. Weight OIHW.
+  Padding "same" (here and in the pools) is TensorFlow/XLA SAME: the per-side pads
+  `multires.graph.same_padding` computes from the input size, then as above.
 - BatchNorm (4-D): eval mode `(x - running_mean) / sqrt(running_var + eps) * weight + bias`.
   Training mode normalises with the batch mean and the *biased* batch variance over (N, H, W)
   and updates `running_mean = (1 - m) * running_mean + m * mean`,
   `running_var = (1 - m) * running_var + m * var * n / (n - 1)` (the unbiased variance), as
-  PyTorch does. Its backward goes through the batch statistics in training mode and through
+  PyTorch does; with `running_variance="biased"` (Keras, Flax) without the `n / (n - 1)`. Its backward goes through the batch statistics in training mode and through
   the fixed running statistics in eval mode.
 - ReLU: `max(x, 0)`; the gradient is 0 where `x <= 0`.
 - Add: the sum of its inputs; each input receives `g`.
@@ -22,6 +24,7 @@ What each node computes (`x` is the node's input, `g` the gradient of its output
   of each window in row-major window order (as PyTorch), and overlapping windows accumulate.
 - AvgPool2d: zero padding; the window sum is divided by the kernel area with
   `count_include_pad`, else by the number of non-padding elements in the window.
+- Pad2d: zeros added per side; the gradient is `g` with the padding cropped off.
 - GlobalAvgPool: the mean over H and W, keeping them: (N, C, 1, 1).
 - Flatten: (N, C, H, W) -> (N, C*H*W) in channel-major order.
 - Dense: `x @ weight.T + bias`, weight (out, in).
@@ -51,7 +54,10 @@ from multires.graph import (
     Graph,
     MaxPool2d,
     Node,
+    Pad2d,
+    Padding,
     ReLU,
+    resolve_padding,
 )
 from multires.shapes import check_input_shape, check_layout, infer_shapes
 from multires.weights import BUFFER_KINDS, check_weights, is_buffer, weight_shapes
@@ -141,12 +147,22 @@ BackwardRule = Callable[
 ]
 
 
+def _padding_of(node: Conv2d | MaxPool2d | AvgPool2d, x: np.ndarray) -> Padding:
+    """The node's per-side padding for input `x` (SAME resolved from its spatial size)."""
+    dilation = node.dilation if isinstance(node, Conv2d) else (1, 1)
+    return resolve_padding(node.padding, x.shape[2:4], node.kernel, node.stride, dilation)
+
+
+def _padded_shape(x: np.ndarray, padding: Padding) -> tuple[int, ...]:
+    return (*x.shape[:2], x.shape[2] + sum(padding[0]), x.shape[3] + sum(padding[1]))
+
+
 def _im2col(node: Conv2d, x: np.ndarray) -> tuple[np.ndarray, int, int]:
     """Columns (G, N*OH*OW, C/G*KH*KW) of a convolution's input, one row per output position,
     with the output size OH, OW."""
     n, c = x.shape[:2]
     g = node.groups
-    win = _windows(_pad(x, node.padding, 0.0), node.kernel, node.stride, node.dilation)
+    win = _windows(_pad(x, _padding_of(node, x), 0.0), node.kernel, node.stride, node.dilation)
     oh, ow = win.shape[2:4]
     win = win.reshape(n, g, c // g, oh, ow, *node.kernel).transpose(1, 0, 3, 4, 2, 5, 6)
     return win.reshape(g, n * oh * ow, -1), oh, ow
@@ -168,7 +184,7 @@ def _conv_backward(
     node: Conv2d, gy: np.ndarray, xs: list[np.ndarray], p: Params, saved: dict, training: bool
 ) -> tuple[list[np.ndarray], Params]:
     (x,) = xs
-    n, c, h, w_ = x.shape
+    n, c = x.shape[:2]
     g, o = node.groups, node.out_channels
     oh, ow = gy.shape[2:]
     kh, kw = node.kernel
@@ -179,13 +195,20 @@ def _conv_backward(
         grads["bias"] = gy.sum(axis=(0, 2, 3))
     dcols = (gm @ w).reshape(g, n, oh, ow, c // g, kh, kw).transpose(5, 6, 1, 0, 4, 2, 3)
     dcols = np.ascontiguousarray(dcols).reshape(kh, kw, n, c, oh, ow)
-    padded = (n, c, h + sum(node.padding[0]), w_ + sum(node.padding[1]))
-    dxp = _scatter_windows(lambda i, j: dcols[i, j], padded, node.kernel, node.stride, node.dilation)
-    return [_crop(dxp, node.padding)], grads
+    padding = _padding_of(node, x)
+    dxp = _scatter_windows(
+        lambda i, j: dcols[i, j], _padded_shape(x, padding), node.kernel, node.stride, node.dilation
+    )
+    return [_crop(dxp, padding)], grads
 
 
 def _channel(v: np.ndarray) -> np.ndarray:
     return v[None, :, None, None]
+
+
+def _variance_factor(node: BatchNorm, count: int) -> float:
+    """What the running variance takes of the biased batch variance over `count` values."""
+    return count / (count - 1) if node.running_variance == "unbiased" else 1.0
 
 
 def _bn_forward(node: BatchNorm, xs: list[np.ndarray], p: Params, training: bool) -> tuple[np.ndarray, dict]:
@@ -203,7 +226,7 @@ def _bn_forward(node: BatchNorm, xs: list[np.ndarray], p: Params, training: bool
         m = node.momentum
         saved = {
             "running_mean": (1 - m) * p["running_mean"] + m * mean,
-            "running_var": (1 - m) * p["running_var"] + m * var * count / (count - 1),
+            "running_var": (1 - m) * p["running_var"] + m * var * _variance_factor(node, count),
         }
     else:
         mean, var, saved = p["running_mean"], p["running_var"], {}
@@ -253,7 +276,7 @@ def _maxpool_forward(
     node: MaxPool2d, xs: list[np.ndarray], p: Params, training: bool
 ) -> tuple[np.ndarray, dict]:
     (x,) = xs
-    win = _windows(_pad(x, node.padding, -np.inf), node.kernel, node.stride)
+    win = _windows(_pad(x, _padding_of(node, x), -np.inf), node.kernel, node.stride)
     flat = win.reshape(*win.shape[:4], -1)
     index = flat.argmax(axis=-1)  # the first maximum in row-major window order
     return np.take_along_axis(flat, index[..., None], axis=-1)[..., 0], {"index": index}
@@ -264,17 +287,20 @@ def _maxpool_backward(
 ) -> tuple[list[np.ndarray], Params]:
     (x,) = xs
     index, kw = saved["index"], node.kernel[1]
-    padded = (*x.shape[:2], x.shape[2] + sum(node.padding[0]), x.shape[3] + sum(node.padding[1]))
+    padding = _padding_of(node, x)
     dxp = _scatter_windows(
-        lambda i, j: np.where(index == i * kw + j, gy, 0.0), padded, node.kernel, node.stride
+        lambda i, j: np.where(index == i * kw + j, gy, 0.0),
+        _padded_shape(x, padding),
+        node.kernel,
+        node.stride,
     )
-    return [_crop(dxp, node.padding)], {}
+    return [_crop(dxp, padding)], {}
 
 
 def _avgpool_divisor(node: AvgPool2d, x: np.ndarray) -> np.ndarray | float:
     if node.count_include_pad:
         return float(node.kernel[0] * node.kernel[1])
-    ones = _pad(np.ones((1, 1, *x.shape[2:])), node.padding, 0.0)
+    ones = _pad(np.ones((1, 1, *x.shape[2:])), _padding_of(node, x), 0.0)
     return _windows(ones, node.kernel, node.stride).sum(axis=(-2, -1))
 
 
@@ -282,7 +308,7 @@ def _avgpool_forward(
     node: AvgPool2d, xs: list[np.ndarray], p: Params, training: bool
 ) -> tuple[np.ndarray, dict]:
     (x,) = xs
-    win = _windows(_pad(x, node.padding, 0.0), node.kernel, node.stride)
+    win = _windows(_pad(x, _padding_of(node, x), 0.0), node.kernel, node.stride)
     return win.sum(axis=(-2, -1)) / _avgpool_divisor(node, x), {}
 
 
@@ -291,9 +317,19 @@ def _avgpool_backward(
 ) -> tuple[list[np.ndarray], Params]:
     (x,) = xs
     share = gy / _avgpool_divisor(node, x)
-    padded = (*x.shape[:2], x.shape[2] + sum(node.padding[0]), x.shape[3] + sum(node.padding[1]))
-    dxp = _scatter_windows(lambda i, j: share, padded, node.kernel, node.stride)
-    return [_crop(dxp, node.padding)], {}
+    padding = _padding_of(node, x)
+    dxp = _scatter_windows(lambda i, j: share, _padded_shape(x, padding), node.kernel, node.stride)
+    return [_crop(dxp, padding)], {}
+
+
+def _pad2d_forward(node: Pad2d, xs: list[np.ndarray], p: Params, training: bool) -> tuple[np.ndarray, dict]:
+    return _pad(xs[0], node.padding, 0.0), {}
+
+
+def _pad2d_backward(
+    node: Pad2d, gy: np.ndarray, xs: list[np.ndarray], p: Params, saved: dict, training: bool
+) -> tuple[list[np.ndarray], Params]:
+    return [_crop(gy, node.padding)], {}
 
 
 def _gap_forward(
@@ -344,6 +380,7 @@ RULES: dict[type[Node], tuple[ForwardRule, BackwardRule]] = {
     Add: (_add_forward, _add_backward),
     MaxPool2d: (_maxpool_forward, _maxpool_backward),
     AvgPool2d: (_avgpool_forward, _avgpool_backward),
+    Pad2d: (_pad2d_forward, _pad2d_backward),
     GlobalAvgPool: (_gap_forward, _gap_backward),
     Flatten: (_flatten_forward, _flatten_backward),
     Dense: (_dense_forward, _dense_backward),

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from multires.errors import ShapeError, SpecError
 from multires.graph import (
+    SAME,
     Add,
     AvgPool2d,
     BatchNorm,
@@ -22,6 +23,7 @@ from multires.graph import (
     GlobalAvgPool,
     MaxPool2d,
     Node,
+    Pad2d,
     ReLU,
 )
 
@@ -37,10 +39,12 @@ def _where(node: Node) -> str:
 
 
 def _spatial(
-    node: Node, size: int | None, kernel: int, stride: int, pad: tuple[int, int], dilation: int
+    node: Node, size: int | None, kernel: int, stride: int, pad: tuple[int, int] | str, dilation: int
 ) -> int | None:
     if size is None:
         return None
+    if pad == SAME:
+        return -(-size // stride)
     return (size + pad[0] + pad[1] - dilation * (kernel - 1) - 1) // stride + 1
 
 
@@ -59,8 +63,9 @@ def node_output_shape(node: Node, in_shapes: Sequence[Shape]) -> Shape:
         _need_4d(node, shape)
         n, c, h, w = shape
         dilation = node.dilation if isinstance(node, Conv2d) else (1, 1)
-        oh = _spatial(node, h, node.kernel[0], node.stride[0], node.padding[0], dilation[0])
-        ow = _spatial(node, w, node.kernel[1], node.stride[1], node.padding[1], dilation[1])
+        pads = (SAME, SAME) if node.padding == SAME else node.padding
+        oh = _spatial(node, h, node.kernel[0], node.stride[0], pads[0], dilation[0])
+        ow = _spatial(node, w, node.kernel[1], node.stride[1], pads[1], dilation[1])
         if (oh is not None and oh < 1) or (ow is not None and ow < 1):
             raise SpecError(
                 f"{_where(node)}: the spatial size shrinks to {oh} x {ow} for an input of "
@@ -77,6 +82,11 @@ def node_output_shape(node: Node, in_shapes: Sequence[Shape]) -> Shape:
     if isinstance(node, BatchNorm):
         _need_4d(node, shape)
         return shape
+    if isinstance(node, Pad2d):
+        _need_4d(node, shape)
+        n, c, h, w = shape
+        (top, bottom), (left, right) = node.padding
+        return (n, c, None if h is None else h + top + bottom, None if w is None else w + left + right)
     if isinstance(node, ReLU):
         return shape
     if isinstance(node, Add):

@@ -24,6 +24,7 @@ from multires.graph import (
     Input,
     MaxPool2d,
     Node,
+    Pad2d,
     ReLU,
 )
 
@@ -76,13 +77,26 @@ class GraphBuilder:
         groups: int = 1,
         bias: bool = False,
     ) -> str:
-        """2-D convolution; `padding` is an int, `(ph, pw)` or `((top, bottom), (left, right))`."""
+        """2-D convolution; `padding` is an int, `(ph, pw)`, `((top, bottom), (left, right))` or
+        "same" (TensorFlow/XLA SAME)."""
         node = Conv2d(name, (x,), out_channels, kernel, stride, padding, 1, groups, bias)
         return self._append(node, node.out_channels)
 
-    def bn(self, name: str, x: str, eps: float = 1e-5, momentum: float = 0.1) -> str:
-        """Batch normalisation (`momentum` is PyTorch's: the weight of the new batch statistic)."""
-        return self._append(BatchNorm(name, (x,), eps, momentum))
+    def bn(
+        self,
+        name: str,
+        x: str,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        running_variance: str = "unbiased",
+    ) -> str:
+        """Batch normalisation (`momentum` is PyTorch's: the weight of the new batch statistic;
+        `running_variance` "unbiased" as PyTorch or "biased" as Keras and Flax)."""
+        return self._append(BatchNorm(name, (x,), eps, momentum, running_variance))
+
+    def pad(self, name: str, x: str, padding: Any) -> str:
+        """Zero padding per side (`p`, `(ph, pw)` or `((top, bottom), (left, right))`)."""
+        return self._append(Pad2d(name, (x,), padding))
 
     def relu(self, name: str, x: str) -> str:
         """Elementwise max(x, 0)."""

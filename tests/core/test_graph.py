@@ -21,11 +21,12 @@ from multires import (
     Graph,
     Input,
     MaxPool2d,
+    Pad2d,
     ReLU,
     SpecError,
     infer_shapes,
 )
-from multires.graph import NODE_TYPES, SCHEMA_VERSION, symmetric_padding
+from multires.graph import NODE_TYPES, SCHEMA_VERSION, node_from_dict, symmetric_padding
 
 X = (Input("x", 4),)
 
@@ -181,12 +182,24 @@ def test_spatial_shrinking_is_blamed_on_the_first_node_that_empties() -> None:
         infer_shapes(g, (1, 4, 64, 64))
 
 
-@pytest.mark.parametrize("padding", ["same", "valid", "SAME"])
-def test_string_padding_is_refused(padding: str) -> None:
-    with raises_at("c (Conv2d)", "explicit per side", repr(padding)):
+@pytest.mark.parametrize("padding", ["valid", "full", "same_lower"])
+def test_string_padding_other_than_same_is_refused(padding: str) -> None:
+    with raises_at("c (Conv2d)", "explicit per side or 'same'", repr(padding)):
         Conv2d("c", "x", out_channels=4, kernel=3, padding=padding)
-    with raises_at("p (MaxPool2d)", "explicit per side"):
+    with raises_at("p (MaxPool2d)", "explicit per side or 'same'"):
         MaxPool2d("p", "x", kernel=3, padding=padding)
+
+
+@pytest.mark.parametrize("padding", ["same", "SAME", "Same"])
+def test_same_padding_is_a_mode_of_windowed_nodes(padding: str) -> None:
+    assert Conv2d("c", "x", out_channels=4, kernel=3, stride=2, padding=padding).padding == "same"
+    assert MaxPool2d("p", "x", kernel=3, stride=2, padding=padding).padding == "same"
+    node = BatchNorm("bn", "x", running_variance="biased")
+    assert node_from_dict(node.to_dict()) == node
+    with raises_at("bn (BatchNorm)", "running_variance", "'sample'"):
+        BatchNorm("bn", "x", running_variance="sample")
+    with raises_at("z (Pad2d)", "explicit per side"):
+        Pad2d("z", "x", padding="same")
 
 
 @pytest.mark.parametrize("momentum", [-0.1, 1.5, 0.9 + 1])
@@ -438,9 +451,10 @@ def test_node_order_is_canonical(g: Graph, rng) -> None:
 def test_every_node_type_serialises() -> None:
     g = graph(
         Conv2d("c", "x", out_channels=4, kernel=3, padding=((0, 1), (1, 0)), bias=True),
-        BatchNorm("bn", "c", eps=1e-3, momentum=0.01),
+        BatchNorm("bn", "c", eps=1e-3, momentum=0.01, running_variance="biased"),
         ReLU("r", "bn"),
-        MaxPool2d("mp", "r", kernel=3, stride=2, padding=1),
+        Pad2d("z", "r", padding=((1, 0), (0, 2))),
+        MaxPool2d("mp", "z", kernel=3, stride=2, padding="same"),
         AvgPool2d("ap", "mp", kernel=2, count_include_pad=False),
         Add("s", ("ap", "ap")),
         GlobalAvgPool("gap", "s"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -25,7 +26,9 @@ from multires.graph import (
     Input,
     MaxPool2d,
     Node,
+    Pad2d,
     ReLU,
+    resolve_padding,
 )
 from multires.weights import is_buffer, weight_shapes
 
@@ -203,6 +206,61 @@ def test_pools_match_naive_loops(case, all_negative):
         )
 
 
+def tf_same_pads(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow's documented SAME rule: output ceil(size / stride), the smaller half before."""
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    dilation=st.integers(1, 2),
+)
+def test_same_padding_is_tensorflows_rule_for_convs_and_pools(size, kernel, stride, dilation):
+    x = np.random.default_rng(sum(size)).normal(size=(1, 2, *size))
+    pads = tuple(tf_same_pads(*axis, dilation) for axis in zip(size, kernel, stride, strict=True))
+    conv = Conv2d(
+        "c", ("x",), out_channels=2, kernel=kernel, stride=stride, padding="same", dilation=dilation
+    )
+    graph = graph_of(conv, channels=2)
+    w = random_weights64(graph, x.shape)
+    y = reference.run(graph, w, {"x": x})
+    expected = naive_conv(x, w["c.weight"], None, stride, pads, (dilation, dilation), 1)
+    assert y.shape == (1, 2, -(-size[0] // stride[0]), -(-size[1] // stride[1]))
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+    pool_pads = tuple(tf_same_pads(*axis) for axis in zip(size, kernel, stride, strict=True))
+    for mode, node in (
+        ("max", MaxPool2d("p", ("x",), kernel=kernel, stride=stride, padding="same")),
+        (
+            "avg",
+            AvgPool2d("p", ("x",), kernel=kernel, stride=stride, padding="same", count_include_pad=False),
+        ),
+    ):
+        got = reference.run(graph_of(node, channels=2), {}, {"x": -np.abs(x)})
+        np.testing.assert_allclose(
+            got, naive_pool(-np.abs(x), kernel, stride, pool_pads, mode, False), rtol=1e-12
+        )
+
+
+def test_same_padding_is_asymmetric_and_depends_on_the_input_size():
+    conv = Conv2d("c", ("x",), out_channels=1, kernel=7, stride=2, padding="same")
+    assert resolve_padding(conv.padding, (96, 97), conv.kernel, conv.stride) == ((2, 3), (3, 3))
+    assert Conv2d("c", ("x",), out_channels=1, kernel=3, padding="SAME").padding == "same"
+    with pytest.raises(SpecError, match="explicit per side or 'same'.*not 'valid'"):
+        Conv2d("c", ("x",), out_channels=1, kernel=3, padding="valid")
+
+
+def test_pad2d_adds_zeros_that_win_a_following_max_over_negative_values():
+    graph = graph_of(Pad2d("z", ("x",), padding=1), MaxPool2d("p", ("z",), kernel=3, stride=2), channels=1)
+    x = -np.arange(1.0, 10.0).reshape(1, 1, 3, 3)
+    np.testing.assert_array_equal(reference.run(graph, {}, {"x": x}), np.zeros((1, 1, 2, 2)))
+    same = graph_of(MaxPool2d("p", ("x",), kernel=3, stride=2, padding=1), channels=1)
+    assert reference.run(same, {}, {"x": x}).max() < 0  # a pool's own padding never wins
+
+
 def test_avgpool_divisor_counts_padding_only_when_asked():
     x = np.ones((1, 1, 2, 2))
     for include, corner in ((True, 4 / 9), (False, 1.0)):
@@ -267,6 +325,15 @@ def test_batchnorm_training_normalises_with_biased_batch_variance_and_updates_ru
     assert sorted(fwd.running) == ["bn.running_mean", "bn.running_var"]
     for name, value in w.items():
         np.testing.assert_array_equal(value, before[name])  # forward reports, never mutates
+
+
+def test_batchnorm_biased_convention_updates_running_var_with_the_biased_variance():
+    graph = graph_of(BatchNorm("bn", ("x",), eps=1e-3, momentum=0.25, running_variance="biased"))
+    x = np.random.default_rng(4).normal(2.0, 3.0, size=(3, 3, 4, 5))
+    w = random_weights64(graph, x.shape)
+    fwd = reference.forward(graph, w, x, training=True)
+    biased = x.var(axis=(0, 2, 3))
+    np.testing.assert_allclose(fwd.running["bn.running_var"], 0.75 * w["bn.running_var"] + 0.25 * biased)
 
 
 def test_batchnorm_training_needs_two_values_per_channel():
@@ -371,6 +438,21 @@ NODE_CASES = {
     "flatten_dense": ([Flatten("f", ("x",)), Dense("d", ("f",), out_features=3)], (2, 2, 2, 2)),
     "dense_no_bias": ([Flatten("f", ("x",)), Dense("d", ("f",), out_features=2, bias=False)], (3, 2, 1, 2)),
     "add_same_input_twice": ([Add("a", ("x", "x"))], (2, 2, 3, 3)),
+    "conv_same_stride2_even": (
+        [Conv2d("c", ("x",), out_channels=2, kernel=3, stride=2, padding="same", bias=True)],
+        (2, 2, 6, 7),
+    ),
+    "conv_same_7x7_odd": (
+        [Conv2d("c", ("x",), out_channels=2, kernel=(7, 4), stride=2, padding="same")],
+        (1, 2, 9, 8),
+    ),
+    "maxpool_same": ([MaxPool2d("p", ("x",), kernel=3, stride=2, padding="same")], (2, 2, 6, 5)),
+    "avgpool_same_excl": (
+        [AvgPool2d("p", ("x",), kernel=3, stride=2, padding="same", count_include_pad=False)],
+        (2, 2, 6, 5),
+    ),
+    "pad2d": ([Pad2d("z", ("x",), padding=((1, 2), (0, 3)))], (2, 2, 3, 2)),
+    "batchnorm_biased": ([BatchNorm("bn", ("x",), momentum=0.3, running_variance="biased")], (3, 2, 3, 2)),
 }
 
 

@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 
 from multires.errors import SpecError
 from multires.zoo.builder import GraphBuilder, join
+from multires.zoo.editions import Edition
+from multires.zoo.editions import edition as get_edition
 
 __all__ = [
     "Block",
@@ -162,17 +164,26 @@ def preact_bottleneck_block(
 
 
 def d2l_residual_block(
-    b: GraphBuilder, prefix: str, x: str, num_channels: int, use_1x1conv: bool = False, strides: int = 1
+    b: GraphBuilder,
+    prefix: str,
+    x: str,
+    num_channels: int,
+    use_1x1conv: bool = False,
+    strides: int = 1,
+    edition: str | Edition = "pytorch",
 ) -> str:
     """The book's `Residual` (*Dive into Deep Learning*, ResNet chapter), names included.
 
     conv3x3(strides)-BN-ReLU, conv3x3-BN, plus `x` or, with `use_1x1conv`, a 1x1 conv with
     `strides` (`conv3`, no BN); then ReLU. Every conv has a bias, as the book's `LazyConv2d`.
+    `edition` ("pytorch", "mxnet", "tf", "jax") picks the framework edition's padding and
+    BatchNorm (`multires.zoo.editions`).
     """
-    y = b.conv(join(prefix, "conv1"), x, num_channels, 3, stride=strides, padding=1, bias=True)
-    y = b.relu(join(prefix, "relu1"), b.bn(join(prefix, "bn1"), y))
-    y = b.conv(join(prefix, "conv2"), y, num_channels, 3, padding=1, bias=True)
-    y = b.bn(join(prefix, "bn2"), y)
+    ed = get_edition(edition)
+    y = b.conv(join(prefix, "conv1"), x, num_channels, 3, stride=strides, padding=ed.padding(3), bias=True)
+    y = b.relu(join(prefix, "relu1"), b.bn(join(prefix, "bn1"), y, **ed.bn_options()))
+    y = b.conv(join(prefix, "conv2"), y, num_channels, 3, padding=ed.padding(3), bias=True)
+    y = b.bn(join(prefix, "bn2"), y, **ed.bn_options())
     if use_1x1conv:
         x = b.conv(join(prefix, "conv3"), x, num_channels, 1, stride=strides, bias=True)
     return b.relu(join(prefix, "relu2"), b.add(join(prefix, "add"), y, x))
@@ -187,39 +198,41 @@ def resnext_block(
     bot_mul: float,
     use_1x1conv: bool = False,
     strides: int = 1,
+    edition: str | Edition = "pytorch",
 ) -> str:
     """The book's `ResNeXtBlock(num_channels, groups, bot_mul, use_1x1conv, strides)`, names included.
 
     With `bot_channels = int(round(num_channels * bot_mul))`: conv1 1x1 to `bot_channels`,
     conv2 3x3 (`strides`) grouped, conv3 1x1 to `num_channels`, BN after each, ReLU after the
     first two; the shortcut is `x` or, with `use_1x1conv`, conv4 1x1 (`strides`) + bn4; then
-    ReLU(Y + X). All convs have a bias.
+    ReLU(Y + X). All convs have a bias; `edition` as in `d2l_residual_block`.
 
     Note the book's convention: its `groups` is the number of channels *per group*; conv2 has
     `bot_channels // groups` groups (the book's `ResNeXtBlock(32, 16, 1)` makes 2 groups of 16).
     """
+    ed = get_edition(edition)
     bot_channels = int(round(num_channels * bot_mul))
     if not 1 <= groups <= bot_channels:
         raise SpecError(
             f"{join(prefix, 'conv2')} (Conv2d): the book's `groups` is the channels per group and must "
             f"lie in [1, bot_channels={bot_channels}]; got {groups}. Lower groups or raise bot_mul."
         )
+    bn = ed.bn_options()
     y = b.conv(join(prefix, "conv1"), x, bot_channels, 1, bias=True)
-    y = b.relu(join(prefix, "relu1"), b.bn(join(prefix, "bn1"), y))
+    y = b.relu(join(prefix, "relu1"), b.bn(join(prefix, "bn1"), y, **bn))
     y = b.conv(
         join(prefix, "conv2"),
         y,
         bot_channels,
         3,
         stride=strides,
-        padding=1,
+        padding=ed.padding(3),
         groups=bot_channels // groups,
         bias=True,
     )
-    y = b.relu(join(prefix, "relu2"), b.bn(join(prefix, "bn2"), y))
-    y = b.bn(join(prefix, "bn3"), b.conv(join(prefix, "conv3"), y, num_channels, 1, bias=True))
+    y = b.relu(join(prefix, "relu2"), b.bn(join(prefix, "bn2"), y, **bn))
+    y = b.bn(join(prefix, "bn3"), b.conv(join(prefix, "conv3"), y, num_channels, 1, bias=True), **bn)
     if use_1x1conv:
-        x = b.bn(
-            join(prefix, "bn4"), b.conv(join(prefix, "conv4"), x, num_channels, 1, stride=strides, bias=True)
-        )
+        shortcut = b.conv(join(prefix, "conv4"), x, num_channels, 1, stride=strides, bias=True)
+        x = b.bn(join(prefix, "bn4"), shortcut, **bn)
     return b.relu(join(prefix, "relu3"), b.add(join(prefix, "add"), y, x))

@@ -1,6 +1,9 @@
 """The ResNets of *Dive into Deep Learning* (d2l.ai, chapter "Residual Networks (ResNet) and ResNeXt").
 
-The models match the book's PyTorch code exactly.
+Each model takes `edition` ("pytorch", the default, "mxnet", "tf" or "jax") and then matches that
+edition's code exactly, in eval and in training mode: the editions differ in padding (TF and JAX
+use SAME, asymmetric at stride 2) and in BatchNorm eps, momentum and running-variance update
+(`multires.zoo.editions` has the table). Their weights have the same names and shapes.
 
 Node names are the book's module paths inside `ResNet.net`: `b1.0` (conv), `b1.1` (BN),
 `b1.2` (ReLU), `b1.3` (max-pool), `b2.0.conv1` ..., `b3.0.conv3` (1x1 shortcut), `last.0`
@@ -18,8 +21,10 @@ from typing import Any
 from multires.errors import SpecError
 from multires.graph import Graph
 from multires.zoo import register
-from multires.zoo.blocks import Block, d2l_residual_block, resnext_block, stem
+from multires.zoo.blocks import Block, d2l_residual_block, resnext_block
 from multires.zoo.builder import GraphBuilder
+from multires.zoo.editions import Edition
+from multires.zoo.editions import edition as get_edition
 
 Arch = tuple[tuple[int, int], ...]
 """Stages as `(num_residuals, num_channels)` pairs, the book's `arch`."""
@@ -53,39 +58,70 @@ def _arch(name: str, arch: Any) -> Arch:
 
 
 def _d2l_net(
-    name: str, block: Block, arch: Arch, num_classes: int, in_channels: int, description: str
+    name: str,
+    block: Block,
+    arch: Arch,
+    num_classes: int,
+    in_channels: int,
+    description: str,
+    edition: Edition,
 ) -> Graph:
-    """The book's `ResNet(arch)` skeleton with `block` as its residual block."""
+    """The book's `ResNet(arch)` skeleton with `block` as its residual block, in `edition`."""
     b = GraphBuilder(name, in_channels)
-    x = stem(b, "b1", b.input, STEM_CHANNELS, bias=True, names=("0", "1", "2", "3"))
+    x = b.conv("b1.0", b.input, STEM_CHANNELS, 7, stride=2, padding=edition.padding(7), bias=True)
+    x = b.relu("b1.2", b.bn("b1.1", x, **edition.bn_options()))
+    x = b.maxpool("b1.3", x, 3, stride=2, padding=edition.padding(3))
     for i, (num_residuals, num_channels) in enumerate(arch):
         for j in range(num_residuals):
             first = i > 0 and j == 0
-            x = block(b, f"b{i + 2}.{j}", x, num_channels, use_1x1conv=first, strides=2 if first else 1)
+            x = block(
+                b,
+                f"b{i + 2}.{j}",
+                x,
+                num_channels,
+                use_1x1conv=first,
+                strides=2 if first else 1,
+                edition=edition,
+            )
     x = b.dense("last.2", b.flatten("last.1", b.gap("last.0", x)), num_classes)
     return b.graph(x, description)
 
 
+_FRAMEWORK = {"pytorch": "PyTorch", "mxnet": "MXNet", "tf": "TensorFlow", "jax": "JAX"}
+
 _RESNET = (
-    "Dive into Deep Learning's ResNet{} (PyTorch), exactly: b1 = conv 7x7/2 (bias) + BN + ReLU + "
+    "Dive into Deep Learning's ResNet{} ({} edition), exactly: b1 = conv 7x7/2 (bias) + BN + ReLU + "
     "max-pool 3x3/2; stages of the book's Residual blocks (conv bias, 1x1 shortcut conv without BN on "
-    "the first block of every stage but the first); global average pool, flatten, dense. Names are the "
-    "book's module paths inside net (its state dict stores b1 as net.0)."
+    "the first block of every stage but the first); global average pool, flatten, dense; {}. Names are "
+    "the book's module paths inside net (its PyTorch state dict stores b1 as net.0)."
 )
 
 
-def d2l_resnet(arch: Arch = RESNET18_ARCH, num_classes: int = 10, in_channels: int = 1) -> Graph:
-    """The book's `ResNet(arch, num_classes)` for `in_channels`-channel images (Fashion-MNIST: 1)."""
-    arch = _arch("d2l_resnet", arch)
+def _describe(model: str, ed: Edition) -> str:
+    padding = "TF/XLA SAME padding" if ed.same_padding else "symmetric padding k // 2"
+    conventions = (
+        f"{padding}, BatchNorm eps {ed.eps:g}, momentum {ed.momentum:g} (PyTorch's convention), "
+        f"{ed.running_variance} running variance"
+    )
+    return _RESNET.format(model, _FRAMEWORK[ed.name], conventions)
+
+
+def d2l_resnet(
+    arch: Arch = RESNET18_ARCH, num_classes: int = 10, in_channels: int = 1, edition: str = "pytorch"
+) -> Graph:
+    """The book's `ResNet(arch, num_classes)` for `in_channels`-channel images (Fashion-MNIST: 1),
+    as the `edition` ("pytorch", "mxnet", "tf", "jax") of the book computes it."""
+    arch, ed = _arch("d2l_resnet", arch), get_edition(edition)
     return _d2l_net(
-        "d2l_resnet", d2l_residual_block, arch, num_classes, in_channels, _RESNET.format(f"(arch={arch})")
+        "d2l_resnet", d2l_residual_block, arch, num_classes, in_channels, _describe(f"(arch={arch})", ed), ed
     )
 
 
-def d2l_resnet18(num_classes: int = 10, in_channels: int = 1) -> Graph:
+def d2l_resnet18(num_classes: int = 10, in_channels: int = 1, edition: str = "pytorch") -> Graph:
     """The book's `ResNet18`: `d2l_resnet` with arch ((2, 64), (2, 128), (2, 256), (2, 512))."""
+    ed = get_edition(edition)
     return _d2l_net(
-        "d2l_resnet18", d2l_residual_block, RESNET18_ARCH, num_classes, in_channels, _RESNET.format("18")
+        "d2l_resnet18", d2l_residual_block, RESNET18_ARCH, num_classes, in_channels, _describe("18", ed), ed
     )
 
 
@@ -95,8 +131,9 @@ def d2l_resnext(
     bot_mul: float = 1.0,
     num_classes: int = 10,
     in_channels: int = 1,
+    edition: str = "pytorch",
 ) -> Graph:
-    """The book's ResNet skeleton with its `ResNeXtBlock` in place of `Residual`.
+    """The book's ResNet skeleton with its `ResNeXtBlock` in place of `Residual`, in `edition`.
 
     `groups` is the book's: channels per group (conv2 has `bot_channels // groups` groups).
     The defaults `groups=16, bot_mul=1` (group width 16, no bottleneck) are the book's own
@@ -104,14 +141,16 @@ def d2l_resnext(
     first stage, has `use_1x1conv=True, strides=2`) is the chapter's ResNet. The book builds no
     ResNeXt model, so there is no reference checkpoint; node names follow the book's paths.
     """
-    arch = _arch("d2l_resnext", arch)
+    arch, ed = _arch("d2l_resnext", arch), get_edition(edition)
     block = partial(resnext_block, groups=groups, bot_mul=bot_mul)
     description = (
         f"Dive into Deep Learning's ResNet skeleton (arch={arch}) with the book's ResNeXtBlock "
-        f"(groups={groups} channels per group, bot_mul={bot_mul}): b1 = conv 7x7/2 (bias) + BN + ReLU + "
-        "max-pool 3x3/2; the first block of every stage but the first has use_1x1conv=True, strides=2."
+        f"(groups={groups} channels per group, bot_mul={bot_mul}), {_FRAMEWORK[ed.name]} edition: b1 = "
+        "conv 7x7/2 (bias) + BN + ReLU + max-pool 3x3/2; the first block of every stage but the first has "
+        f"use_1x1conv=True, strides=2; {'TF/XLA SAME' if ed.same_padding else 'symmetric'} padding, "
+        f"BatchNorm eps {ed.eps:g}, momentum {ed.momentum:g}, {ed.running_variance} running variance."
     )
-    return _d2l_net("d2l_resnext", block, arch, num_classes, in_channels, description)
+    return _d2l_net("d2l_resnext", block, arch, num_classes, in_channels, description, ed)
 
 
 register("d2l_resnet18")(d2l_resnet18)

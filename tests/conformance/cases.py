@@ -27,6 +27,7 @@ from multires import (
     Input,
     MaxPool2d,
     Node,
+    Pad2d,
     ReLU,
 )
 
@@ -46,6 +47,7 @@ MODELS = [
     Case(
         "wide_resnet50_2", partial(multires.spec, "wide_resnet50_2", num_classes=10), (4, 3, 32, 32), seed=6
     ),
+    Case("d2l_resnet18_tf", partial(multires.spec, "d2l_resnet18", edition="tf"), (4, 1, 45, 45), seed=9),
 ]
 DEEP = [
     Case(
@@ -217,6 +219,83 @@ NODES = [
             ],
         ),
         (4, 3, 5, 6),
+    ),
+    Case(
+        "conv_same_stride2_even_and_odd",
+        lambda: _graph(
+            "conv_same_stride2_even_and_odd",
+            3,
+            [
+                Conv2d("conv7x7", "x", out_channels=4, kernel=7, stride=2, padding="same", bias=True),
+                Conv2d("conv3x3", "conv7x7", out_channels=4, kernel=3, stride=2, padding="same"),
+                Conv2d("conv1x1", "conv3x3", out_channels=4, kernel=1, stride=2, padding="same"),
+            ],
+        ),
+        (4, 3, 10, 13),
+    ),
+    Case(
+        "conv_same_even_kernel_dilated",
+        lambda: _graph(
+            "conv_same_even_kernel_dilated",
+            3,
+            [
+                Conv2d("even", "x", out_channels=4, kernel=(2, 4), padding="same"),
+                Conv2d("dilated", "even", out_channels=4, kernel=3, stride=(2, 3), dilation=2, padding="same"),
+            ],
+        ),
+        (4, 3, 9, 8),
+    ),
+    Case(
+        "maxpool_same_negative_inputs",
+        lambda: _graph(
+            "maxpool_same_negative_inputs",
+            3,
+            [MaxPool2d("pool", "x", kernel=3, stride=2, padding="same")],
+        ),
+        (4, 3, 8, 9),
+        negative=True,
+    ),
+    Case(
+        "avgpool_same_exclude_pad",
+        lambda: _pool_graph(
+            "avgpool_same_exclude_pad",
+            AvgPool2d("pool", "conv", kernel=3, stride=2, padding="same", count_include_pad=False),
+        ),
+        (4, 3, 8, 9),
+    ),
+    Case(
+        "avgpool_same_include_pad",
+        lambda: _pool_graph(
+            "avgpool_same_include_pad",
+            AvgPool2d("pool", "conv", kernel=(3, 2), stride=2, padding="same", count_include_pad=True),
+        ),
+        (4, 3, 7, 10),
+    ),
+    Case(
+        "zero_pad_before_maxpool_negative_inputs",
+        lambda: _graph(
+            "zero_pad_before_maxpool_negative_inputs",
+            3,
+            [
+                Pad2d("pad", "x", padding=((1, 0), (2, 1))),
+                MaxPool2d("pool", "pad", kernel=3, stride=2),
+            ],
+        ),
+        (4, 3, 7, 8),
+        negative=True,
+    ),
+    Case(
+        "batchnorm_biased_running_variance",
+        lambda: _graph(
+            "batchnorm_biased_running_variance",
+            3,
+            [
+                Conv2d("conv", "x", out_channels=4, kernel=3, padding=1),
+                BatchNorm("bn", "conv", eps=1e-3, momentum=0.3, running_variance="biased"),
+                ReLU("relu", "bn"),
+            ],
+        ),
+        (2, 3, 2, 3),
     ),
     Case(
         "add_three_branches",

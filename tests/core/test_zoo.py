@@ -12,7 +12,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import multires
-from multires import Conv2d, Graph, ModelNotFoundError, SpecError, infer_shapes, macs, param_count
+from multires import (
+    BatchNorm,
+    Conv2d,
+    Graph,
+    MaxPool2d,
+    ModelNotFoundError,
+    SpecError,
+    infer_shapes,
+    macs,
+    param_count,
+)
+from multires.graph import resolve_padding
 from multires.weights import weight_shapes
 from multires.zoo import (
     GraphBuilder,
@@ -161,6 +172,39 @@ def test_d2l_names_are_the_books_module_paths() -> None:
     assert [type(graph[f"last.{i}"]).__name__ for i in range(3)] == ["GlobalAvgPool", "Flatten", "Dense"]
 
 
+@pytest.mark.parametrize("name", ["d2l_resnet18", "d2l_resnext"])
+def test_d2l_editions_differ_only_in_padding_and_batchnorm(name: str) -> None:
+    editions = {e: spec(name, edition=e) for e in ("pytorch", "mxnet", "tf", "jax")}
+    shapes = {e: weight_shapes(g, (1, 1, 29, 29)) for e, g in editions.items()}
+    assert all(s == shapes["pytorch"] for s in shapes.values())
+    for e, graph in editions.items():
+        bns = {(n.eps, n.momentum, n.running_variance) for n in graph.nodes if isinstance(n, BatchNorm)}
+        assert (
+            bns
+            == {
+                "pytorch": {(1e-5, 0.1, "unbiased")},
+                "mxnet": {(1e-5, 0.1, "biased")},
+                "tf": {(1e-3, 0.01, "biased")},
+                "jax": {(1e-5, 0.01, "biased")},
+            }[e]
+        )
+        windowed = [n for n in graph.nodes if isinstance(n, (Conv2d, MaxPool2d)) and max(n.kernel) > 1]
+        paddings = {n.padding for n in windowed}
+        assert paddings == ({"same"} if e in ("tf", "jax") else {((1, 1), (1, 1)), ((3, 3), (3, 3))})
+        assert {n.padding for n in graph.nodes if isinstance(n, Conv2d) and n.kernel == (1, 1)} == {
+            ((0, 0), (0, 0))
+        }
+    # SAME at stride 2 pads less before than after on even sizes: the TF stem sees another window.
+    stem = editions["tf"]["b1.0"]
+    assert resolve_padding(stem.padding, (96, 29), stem.kernel, stem.stride) == ((2, 3), (3, 3))
+    assert infer_shapes(editions["tf"], (1, 1, 29, 29)) == infer_shapes(editions["pytorch"], (1, 1, 29, 29))
+
+
+def test_unknown_edition_lists_the_editions() -> None:
+    with pytest.raises(SpecError, match=r"unknown edition 'keras'.*\['jax', 'mxnet', 'pytorch', 'tf'\]"):
+        spec("d2l_resnet18", edition="keras")
+
+
 def test_preact_resnet_is_timm_resnetv2() -> None:
     graph = spec("preact_resnet50")
     # No BN or ReLU between the stem conv and the max-pool: the pool sees negative values.
@@ -210,7 +254,7 @@ def test_options_change_the_input_and_output(name: str) -> None:
 
 def test_model_options_list_defaults() -> None:
     assert model_options("resnet18") == {"num_classes": 1000, "in_channels": 3}
-    assert model_options("d2l_resnet18") == {"num_classes": 10, "in_channels": 1}
+    assert model_options("d2l_resnet18") == {"num_classes": 10, "in_channels": 1, "edition": "pytorch"}
     assert model_options("d2l_resnet")["arch"] == ((2, 64), (2, 128), (2, 256), (2, 512))
 
 
@@ -324,6 +368,7 @@ def d2l_configs(draw: st.DrawFn) -> tuple[str, dict, tuple[int, int, int, int]]:
         "in_channels": draw(st.integers(1, 4)),
     }
     name = draw(st.sampled_from(("d2l_resnet", "d2l_resnext")))
+    options["edition"] = draw(st.sampled_from(("pytorch", "mxnet", "tf", "jax")))
     if name == "d2l_resnext":
         options["groups"] = draw(st.sampled_from((1, 2, 4, 8, 16)))
         options["bot_mul"] = draw(st.sampled_from((0.5, 1.0)))

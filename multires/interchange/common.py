@@ -29,7 +29,7 @@ def match_weights(
     if problems:
         listing = "\n  ".join(problems)
         raise WeightsError(
-            f"{source} does not match graph {graph.name!r} ({len(problems)} mismatches):\n  {listing}\n"
+            f"{source} and graph {graph.name!r} disagree ({len(problems)} mismatches):\n  {listing}\n"
             "Pass the graph that describes this model, or weights of the model the graph describes."
         )
     return {name: np.ascontiguousarray(arrays[name]) for name in expected}

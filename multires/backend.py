@@ -19,6 +19,7 @@ Frameworks are imported only when a backend is first used; a missing framework r
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -209,7 +210,7 @@ def backend_of(model: Any) -> ModuleType:
 
 
 def build(
-    name_or_graph: str | Graph,
+    name_or_graph: str | Graph | None = None,
     backend: str = "torch",
     layout: str | None = None,
     weights: Any = None,
@@ -218,14 +219,26 @@ def build(
     """Build a native model of a zoo name (with `options`) or a Graph in `backend`.
 
     `layout` defaults to the backend's own (NCHW for torch and mxnet, NHWC for tf and flax);
-    `weights` (a canonical mapping or a weight-file path) are loaded if given.
+    `weights` (a canonical mapping or a weight-file path) are loaded if given. A `.safetensors`
+    file written by multires (e.g. by `multires convert`) carries its graph: pass its path as
+    `weights` with no graph, or as the graph itself.
     """
-    from multires.weights import as_weights
+    from multires.weights import as_weights, file_graph
     from multires.zoo import spec
 
     module = get_backend(backend)
     if options and not isinstance(name_or_graph, str):
         raise TypeError(f"options {sorted(options)} apply to zoo names, not to a Graph.")
+    if isinstance(name_or_graph, (str, os.PathLike)) and str(name_or_graph).endswith(".safetensors"):
+        name_or_graph, weights = None, name_or_graph if weights is None else weights
+    if name_or_graph is None:
+        stored = file_graph(weights) if isinstance(weights, (str, os.PathLike)) else None
+        if stored is None:
+            raise SpecError(
+                "build needs a zoo name or a Graph, or a .safetensors weight file that carries its graph "
+                f"(written by multires); got weights={weights!r}."
+            )
+        name_or_graph = stored
     graph = spec(name_or_graph, **options) if isinstance(name_or_graph, str) else name_or_graph
     layout = resolve_layout(module, layout)
     model = module.build(graph, layout)

@@ -1,4 +1,4 @@
-"""The `multires` command line: `models`, `summary`, `backends`, `compare`, `export` and `train`.
+"""The `multires` command line: `models`, `summary`, `backends`, `compare`, `export`, `convert` and `train`.
 
 Each subcommand is one function registered with `@command` in the `COMMANDS` table, together
 with the function that declares its arguments; `main` builds the parser from that table, so a
@@ -120,7 +120,9 @@ def _zoo_graph(name: str, options: dict[str, Any]) -> Graph:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help="zoo model name (see `multires models`)")
+    parser.add_argument(
+        "name", help="zoo model name (see `multires models`), or a .safetensors file written by multires"
+    )
     parser.add_argument(
         "--option",
         action="append",
@@ -365,18 +367,37 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     add("--json", action="store_true", help="print JSON instead of a table")
 
 
-@command("compare", "run a zoo model in every installed backend against the reference", _compare_arguments)
+def _graph_and_weights(name: str, options: dict[str, Any]) -> tuple[Graph, Any]:
+    """A zoo graph (weights None), or the graph and weights of a multires `.safetensors` file."""
+    from multires.weights import file_graph, load_file
+
+    if not name.endswith(".safetensors"):
+        return _zoo_graph(name, options), None
+    graph = file_graph(name)
+    if graph is None:
+        raise SpecError(
+            f"{name}: this .safetensors file carries no multires graph; convert it with `multires convert` "
+            "or give a zoo model name."
+        )
+    return graph, load_file(name, graph)
+
+
+@command(
+    "compare",
+    "run a zoo model (or a converted .safetensors file) in every installed backend against the reference",
+    _compare_arguments,
+)
 def compare_command(args: argparse.Namespace) -> int:
     """The comparison table; exits 1 if an installed backend fails or disagrees with the reference."""
     from multires.compare import OK, compare
 
     if args.repeats < 1:
         raise UsageError(f"--repeats {args.repeats}: give 1 or more.")
-    graph = _zoo_graph(args.name, parse_options(args.option))
+    graph, weights = _graph_and_weights(args.name, parse_options(args.option))
     (first,) = graph.inputs
     shape = (1, first.channels, 224, 224) if args.input is None else parse_shape(args.input)
     names = None if args.backends is None else [b.strip() for b in args.backends.split(",") if b.strip()]
-    result = compare(graph, shape, names, seed=args.seed, repeats=args.repeats)
+    result = compare(graph, shape, names, seed=args.seed, repeats=args.repeats, weights=weights)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0 if result.ok else 1
@@ -430,6 +451,75 @@ def export_command(args: argparse.Namespace) -> int:
     params = sum(value.size for name, value in weights.items() if not is_buffer(name))
     print(f"wrote {path}: {graph.name}, {layout} input, {params:,} parameters, weights {source}")
     return 0
+
+
+CONVERT_SOURCES = ("keras", "transformers", "gluon", "torchvision", "flax", "safetensors")
+CONVERT_TARGETS = ("safetensors", "keras", "transformers", "torchvision", "gluon", "flax")
+
+
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("source", metavar="SRC", help="the model or checkpoint file to convert")
+    add("--from", dest="source_family", required=True, choices=CONVERT_SOURCES, help="what SRC is")
+    add("--to", dest="target", required=True, choices=CONVERT_TARGETS, help="what to write")
+    add("-o", "--output", required=True, metavar="OUT", help="the file (or directory) to write")
+    add(
+        "--graph",
+        metavar="NAME",
+        help="zoo model describing SRC, for sources that are not recognised by themselves (flax, a "
+        "Keras or Gluon model of the book; see `multires models`)",
+    )
+    add(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of --graph's zoo model, or of the source reader (e.g. model=resnet50_v1 for a Gluon "
+        ".params file), value as a Python literal (repeatable)",
+    )
+
+
+@command(
+    "convert",
+    "convert a model or checkpoint between Keras, transformers, Gluon, torchvision, Flax and safetensors",
+    _convert_arguments,
+)
+def convert_command(args: argparse.Namespace) -> int:
+    """Read SRC with its family's reader, map it to a graph and canonical weights, write it as the
+    target family's model (or as a multires .safetensors carrying the graph). Nothing is written
+    unless the whole conversion succeeds."""
+    import importlib
+
+    from multires import interchange
+    from multires.weights import file_graph, is_buffer, load_file, save
+
+    options = parse_options(args.option)
+    graph_options = {k: v for k, v in options.items() if k in _graph_option_names(args.graph)}
+    reader_options = {k: v for k, v in options.items() if k not in graph_options}
+    graph = None if args.graph is None else _zoo_graph(args.graph, graph_options)
+    if args.source_family == "safetensors":
+        graph = graph or file_graph(args.source)
+        if graph is None:
+            raise SpecError(f"{args.source}: carries no multires graph; pass --graph NAME.")
+        weights = load_file(args.source, graph)
+    else:
+        family = importlib.import_module(f"multires.interchange.{args.source_family}")
+        source = family.read(args.source, **reader_options)
+        importer = getattr(interchange, f"from_{args.source_family}")
+        graph, weights = importer(source) if graph is None else importer(source, graph=graph)
+    if args.target == "safetensors":
+        path = save(weights, args.output, graph)
+    else:
+        family = importlib.import_module(f"multires.interchange.{args.target}")
+        path = family.write(getattr(interchange, f"to_{args.target}")(graph, weights), args.output)
+    params = sum(value.size for name, value in weights.items() if not is_buffer(name))
+    print(f"wrote {path}: {graph.name} ({args.source_family} -> {args.target}), {params:,} parameters")
+    return 0
+
+
+def _graph_option_names(name: str | None) -> set[str]:
+    from multires.zoo import model_options
+
+    return set() if name is None else set(model_options(name))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from multires import reference
 from multires.errors import BackendUnavailableError, ShapeError
 from multires.graph import Graph
 from multires.shapes import Shape, check_input_shape, param_count
-from multires.weights import CanonicalWeights, is_buffer, random_weights
+from multires.weights import CanonicalWeights, as_weights, is_buffer, random_weights
 
 REFERENCE = "reference"
 """The name of the NumPy reference's row."""
@@ -150,9 +150,11 @@ def compare(
     seed: int = 0,
     repeats: int = 5,
     tolerance: float = TOLERANCE,
+    weights: Mapping[str, Any] | None = None,
 ) -> Comparison:
     """Run `graph` in the reference and in each of `backends` (default: every registered one) on
-    the same random weights and NCHW input of `input_shape`, both drawn from `seed`.
+    the same weights (`weights`, default random ones) and NCHW input of `input_shape`, both
+    drawn from `seed`.
 
     Unknown backend names raise BackendNotFoundError before anything runs; backends that are not
     installed or fail become rows saying so. Latencies are medians of `repeats` forward passes
@@ -172,7 +174,7 @@ def compare(
             registry.canonical_name(b) for b in (registry.backends() if backends is None else backends)
         )
     )
-    weights = random_weights(graph, seed, input_shape)
+    weights = random_weights(graph, seed, input_shape) if weights is None else as_weights(weights, graph)
     x = np.random.default_rng(seed).standard_normal(input_shape).astype(np.float32)
     start = time.perf_counter()
     expected = reference.run(graph, weights, x)

@@ -280,3 +280,58 @@ def test_group_rows() -> None:
     assert "b2.0" in [r.name for r in grouped]
     assert sum(r.params for r in grouped) == sum(r.params for r in rows)
     assert group_rows(rows, 100) == list(rows)
+
+
+def test_convert_safetensors_carries_the_graph_to_compare_and_build(capsys, tmp_path: Path) -> None:
+    graph = multires.spec("d2l_resnet18", edition="tf")
+    weights = multires.random_weights(graph, seed=2)
+    source = multires.weights.save(weights, tmp_path / "plain.safetensors")
+    code, out, err = run(
+        capsys,
+        "convert",
+        str(source),
+        "--from",
+        "safetensors",
+        "--graph",
+        "d2l_resnet18",
+        "--option",
+        "edition=tf",
+        "--to",
+        "safetensors",
+        "-o",
+        str(tmp_path / "converted.safetensors"),
+    )
+    assert code == 0, err
+    assert "wrote" in out and "11,178,378 parameters" in out
+    assert multires.weights.file_graph(tmp_path / "converted.safetensors") == graph
+    code, out, err = run(
+        capsys, "compare", str(tmp_path / "converted.safetensors"), "--input", "1,1,29,29", "--backends", ""
+    )
+    assert code == 0, err
+    assert "reference" in out
+
+
+def test_convert_failures_write_nothing_and_say_why(capsys, tmp_path: Path) -> None:
+    source = multires.weights.save(
+        multires.random_weights(multires.spec("resnet18")), tmp_path / "w.safetensors"
+    )
+    target = tmp_path / "out.safetensors"
+    code, _, err = run(
+        capsys, "convert", str(source), "--from", "safetensors", "--to", "safetensors", "-o", str(target)
+    )
+    assert code == 2 and "carries no multires graph; pass --graph NAME" in err
+    code, _, err = run(
+        capsys,
+        "convert",
+        str(source),
+        "--from",
+        "safetensors",
+        "--graph",
+        "resnet34",
+        "--to",
+        "safetensors",
+        "-o",
+        str(target),
+    )
+    assert code == 2 and "missing layer1.2.conv1.weight" in err
+    assert not target.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]

@@ -31,6 +31,19 @@ PINS = {
 """Each backend's framework, pinned (torch 2.13.0 is the CPU wheel this machine's pip finds; an
 unpinned torch pulls a multi-GB CUDA build)."""
 
+SOURCES = {"torch": ["transformers==5.23.0"]}
+"""Libraries whose models `multires.interchange` imports, installed beside a backend's framework
+(Keras comes with TensorFlow, the Gluon model zoo with MXNet, Flax with its backend)."""
+
+INTERCHANGE_TESTS = {
+    "torch": ["tests/interchange/test_from_transformers.py", "tests/interchange/test_from_torchvision.py"],
+    "tf": ["tests/interchange/test_from_keras.py"],
+    "flax": ["tests/interchange/test_from_flax.py"],
+    "mxnet": ["tests/interchange/test_from_gluon.py"],
+    "onnx": [],
+}
+"""The interchange tests each backend session runs: those whose source library it has installed."""
+
 
 def _install(session: nox.Session, *pins: str) -> None:
     """Pinned packages with the test tools (resolved together, so the pins hold), then the
@@ -40,12 +53,14 @@ def _install(session: nox.Session, *pins: str) -> None:
 
 
 def _backend_tests(session: nox.Session, backend: str, *extra: str) -> None:
-    """The conformance suite, the backend's own tests and the docs examples of its tabs."""
-    _install(session, *PINS[backend])
+    """The conformance suite, the backend's own tests, its interchange tests and the docs examples
+    of its tabs."""
+    _install(session, *PINS[backend], *SOURCES.get(backend, []))
     session.run(
         "pytest",
         "tests/conformance",
         f"tests/backends/test_{backend}.py",
+        *INTERCHANGE_TESTS[backend],
         "tests/docs",
         "--backend",
         backend,
@@ -108,7 +123,9 @@ def tests_mxnet(session: nox.Session) -> None:
             *session.posargs,
             env={"MULTIRES_MXNET_HYBRIDIZE": hybridize},
         )
-    session.run("pytest", "tests/backends/test_mxnet.py", "tests/docs", *session.posargs)
+    session.run(
+        "pytest", "tests/backends/test_mxnet.py", *INTERCHANGE_TESTS["mxnet"], "tests/docs", *session.posargs
+    )
 
 
 @nox.session(name="tests-onnx", python=PYTHON)
@@ -120,9 +137,12 @@ def tests_onnx(session: nox.Session) -> None:
 @nox.session(name="tests-combined", python=PYTHON)
 def tests_combined(session: nox.Session) -> None:
     """torch, TensorFlow, Flax and onnxruntime side by side (MXNet cannot join: numpy<1.24): the
-    cross-framework docs examples, and `multires compare` agreeing with the reference."""
-    _install(session, *PINS["torch"], *PINS["tf"], *PINS["flax"], *PINS["onnx"])
-    session.run("pytest", "tests/docs", *session.posargs)
+    cross-framework docs examples, Keras' and the book's JAX models imported and run in every
+    backend, and `multires compare` agreeing with the reference."""
+    _install(session, *PINS["torch"], *PINS["tf"], *PINS["flax"], *PINS["onnx"], *SOURCES["torch"])
+    session.run(
+        "pytest", *INTERCHANGE_TESTS["tf"], *INTERCHANGE_TESTS["flax"], "tests/docs", *session.posargs
+    )
     session.run("multires", "compare", "resnet18", "--input", "2,3,64,64", "--backends", "torch,tf,flax,onnx")
 
 

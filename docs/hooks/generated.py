@@ -49,7 +49,26 @@ def semantics() -> str:
     return doc[start:].strip()
 
 
+def editions_table() -> str:
+    """The book's framework editions and what each pins."""
+    from multires.zoo.editions import EDITIONS
+
+    rows = [
+        "| `edition=` | padding of 'same' convs and pools | BN eps | BN momentum (spec / framework) "
+        "| running variance |",
+        "|---|---|---:|---:|---|",
+    ]
+    for name, ed in EDITIONS.items():
+        padding = "TF/XLA SAME (asymmetric at stride 2)" if ed.same_padding else "symmetric, kernel // 2"
+        rows.append(
+            f"| `{name}` | {padding} | {ed.eps:g} | {ed.momentum:g} / {1 - ed.momentum:g} "
+            f"| {ed.running_variance} |"
+        )
+    return "\n".join(rows)
+
+
 MARKERS = {
+    "<!-- generated:editions-table -->": editions_table,
     "<!-- generated:zoo-table -->": zoo_table,
     "<!-- generated:node-table -->": node_table,
     "<!-- generated:semantics -->": semantics,

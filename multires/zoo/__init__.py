@@ -62,7 +62,7 @@ def spec(name: str, **options: Any) -> Graph:
 
 
 def _load_zoo() -> None:
-    from multires.zoo import d2l, resnet  # noqa: F401  (registers the models)
+    from multires.zoo import d2l, gluon, keras, resnet  # noqa: F401  (registers the models)
 
 
 # The public blocks and builder (they import nothing from this module, so importing late is safe).

@@ -229,6 +229,10 @@ def test_every_model_describes_its_reference(name: str) -> None:
         reference = f"timm's resnetv2_{name.removeprefix('preact_resnet')}"
     elif name.startswith("d2l_"):
         reference = "Dive into Deep Learning"
+    elif name.startswith("gluon_"):
+        reference = f"mxnet.gluon.model_zoo.vision.{name.removeprefix('gluon_')}"
+    elif name.startswith("keras_"):
+        reference = "keras.applications.ResNet"
     else:
         reference = f"torchvision.models.{name}"
     assert reference in spec(name).description
@@ -243,7 +247,7 @@ def test_options_change_the_input_and_output(name: str) -> None:
     graph = spec(name, num_classes=7, in_channels=2)
     shapes = infer_shapes(graph, (3, 2, 64, 48))
     assert shapes[graph.outputs[0]] == (3, 7)
-    first_conv = next(n for n in graph.nodes if n.inputs == (graph.inputs[0].name,))
+    first_conv = next(n for n in graph.nodes if isinstance(n, Conv2d))
     assert weight_shapes(graph)[f"{first_conv.name}.weight"][1] == 2
     default = spec(name)
     assert infer_shapes(default, (1, default.inputs[0].channels, 64, 64))[default.outputs[0]] == (

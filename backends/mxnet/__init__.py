@@ -9,7 +9,9 @@
 MXNet 1.9.1 is retired upstream and needs `numpy<1.24`; install it in its own environment
 (`pip install 'multires[mxnet]'`). `lowering` holds the per-node-type lowering table and
 `build`, `weights` the canonical <-> Gluon parameter mapping, `runner` the `Runner` (set
-`MULTIRES_MXNET_HYBRIDIZE=0` to run it eagerly).
+`MULTIRES_MXNET_HYBRIDIZE=0` to run it eagerly). TensorFlow's SAME padding works eager and
+hybridized: the model sets its pads for each input size (the hybridized graph is rebuilt when
+they change), and `export` fixes those of the last input size.
 """
 
 from __future__ import annotations

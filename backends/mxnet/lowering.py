@@ -14,14 +14,27 @@ How spec semantics map onto MXNet (1.9.1):
   MXNet's `Pooling` already leaves its own padding out of the max (checked by the tests).
 - Average pooling with asymmetric padding and `count_include_pad=False` divides window sums of
   the padded input by those of a padded mask of ones (`AsymmetricAvgPool2D`).
+- SAME padding (TensorFlow/XLA's; MXNet has none) becomes explicit per-side pads, lowered as
+  above. They depend on the input size, which a Symbol does not know, so they cannot be computed
+  inside `hybrid_forward`. Instead `GraphBlock.forward`, which sees the real NDArray input,
+  computes every SAME node's pads for that size (`infer_shapes`, then `resolve_padding`, cached
+  per input shape) and sets them on the blocks (`set_padding`); when any changed it clears the
+  cached op, so the hybridized graph is rebuilt for them (once per distinct set of pads, not per
+  call). That is exact at every size, eager or hybridized. A Symbol call (`export`, or nesting
+  in another block's graph) uses the pads of the last NDArray input and is a ShapeError before
+  any. SAME with `count_include_pad=False` is always `AsymmetricAvgPool2D`, as its pads are
+  asymmetric at some sizes.
+- Pad2d is `F.pad(mode="constant")` with zeros (`ZeroPad2D`).
 - BatchNorm: MXNet updates running statistics in the *backward* pass and with the *biased*
-  batch variance; the spec (PyTorch) updates them in the forward pass with the unbiased one. So
-  `BatchNorm2D` runs MXNet's fused op with its own update switched off (`momentum=1` there) and
-  also returns the batch mean and variance; `GraphBlock.forward` applies the spec's update,
-  `running = (1 - m) * running + m * stat` with the variance scaled by n / (n - 1), whenever it
-  runs in training mode (`autograd.record(train_mode=True)` or `autograd.train_mode()`), eager
-  or hybridized. Eval mode normalises with the running statistics, as MXNet's
-  `use_global_stats` does.
+  batch variance (measured for 1.9.1's `nn.BatchNorm`, eager and hybridized; a training-mode
+  forward without backward leaves them alone), the spec in the forward pass with the unbiased
+  or biased one as `running_variance` says. So `BatchNorm2D` runs MXNet's fused op with its own
+  update switched off (`momentum=1` there) and also returns the batch mean and variance;
+  `GraphBlock.forward` applies the spec's update, `running = (1 - m) * running + m * stat` with
+  the variance scaled by n / (n - 1) for "unbiased" (not for "biased"), whenever it runs in
+  training mode (`autograd.record(train_mode=True)` or `autograd.train_mode()`), eager or
+  hybridized. Eval mode normalises with the running statistics, as MXNet's `use_global_stats`
+  does.
 - Flatten is `nn.Flatten` (channel-major in NCHW); GlobalAvgPool keeps (N, C, 1, 1).
 """
 
@@ -31,7 +44,7 @@ import json
 import os
 from collections.abc import Callable
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import mxnet as mx
 from mxnet import autograd, gluon, nd
@@ -40,6 +53,7 @@ from mxnet.gluon import nn
 from multires.backend import LoweringTable
 from multires.errors import ShapeError, SpecError
 from multires.graph import (
+    SAME,
     Add,
     AvgPool2d,
     BatchNorm,
@@ -50,8 +64,10 @@ from multires.graph import (
     Graph,
     MaxPool2d,
     Node,
+    Pad2d,
     Padding,
     ReLU,
+    resolve_padding,
     symmetric_padding,
 )
 from multires.shapes import Shape, check_input_shape, check_layout, infer_shapes
@@ -78,7 +94,59 @@ def _layer_padding(padding: Padding) -> tuple[int, int]:
     return symmetric_padding(padding) or (0, 0)
 
 
-class Conv2D(nn.Conv2D):
+def _unresolved_same(where: str) -> ShapeError:
+    return ShapeError(
+        f"{where}: padding='same' depends on the input size, which an MXNet Symbol does not carry. "
+        "Call the model once on an NDArray of the input size you will use (eager or hybridized) "
+        "before tracing it with Symbols (export, or inside another block's graph); that fixes the "
+        "pads of that size."
+    )
+
+
+class _SpecPadding:
+    """The spec's window padding on a Gluon convolution or pooling layer.
+
+    Symmetric pads are the layer's own `pad`; asymmetric ones an explicit `F.pad` with
+    `PAD_VALUE` first. SAME pads (`spec_padding == "same"`) are unknown (`padding` None) until
+    `GraphBlock.forward` sees the input size and calls `set_padding`.
+    """
+
+    PAD_VALUE = 0.0
+    _kwargs: dict[str, Any]
+
+    def _init_padding(self, node: Conv2d | MaxPool2d | AvgPool2d) -> None:
+        self._where = f"{node.name} ({type(node).__name__})"
+        self.spec_padding = node.padding
+        self.padding: Padding | None = None
+        self._pad_width: tuple[int, ...] | None = None
+        if node.padding != SAME:
+            self.set_padding(node.padding)
+
+    def set_padding(self, padding: Padding) -> bool:
+        """Pad per side by `padding` from now on; returns whether that changed anything."""
+        if padding == self.padding:
+            return False
+        self.padding = padding
+        self._pad_width = _pad_width(padding)
+        self._kwargs["pad"] = _layer_padding(padding)
+        return True
+
+    def _pad(self, F: Any, x: Any) -> Any:
+        if self.padding is None:
+            raise _unresolved_same(self._where)
+        if self._pad_width:
+            x = F.pad(x, mode="constant", pad_width=self._pad_width, constant_value=self.PAD_VALUE)
+        return x
+
+    def _repr_padding(self, text: str, key: str) -> str:
+        """Gluon's `repr` text, with the spec's padding where the layer's own `pad` is not all of it."""
+        if self.spec_padding == SAME:
+            text = text.replace(f", padding={self._kwargs['pad']}", "") if key == "padding" else text
+            return f"{text[:-1]}, {key}='same')"
+        return f"{text[:-1]}, {key}={self.spec_padding})" if self._pad_width else text
+
+
+class Conv2D(_SpecPadding, nn.Conv2D):
     """`nn.Conv2D` that zero-pads explicitly first when the spec's padding is asymmetric."""
 
     def __init__(self, node: Conv2d, in_channels: int) -> None:
@@ -86,24 +154,19 @@ class Conv2D(nn.Conv2D):
             node.out_channels,
             node.kernel,
             strides=node.stride,
-            padding=_layer_padding(node.padding),
             dilation=node.dilation,
             groups=node.groups,
             use_bias=node.bias,
             in_channels=in_channels,
             prefix=f"{node.name}.",
         )
-        self._pad_width = _pad_width(node.padding)
-        self._spec_padding = node.padding
+        self._init_padding(node)
 
     def hybrid_forward(self, F: Any, x: Any, weight: Any, bias: Any = None) -> Any:
-        if self._pad_width:
-            x = F.pad(x, mode="constant", pad_width=self._pad_width, constant_value=0.0)
-        return super().hybrid_forward(F, x, weight, bias)
+        return super().hybrid_forward(F, self._pad(F, x), weight, bias)
 
     def __repr__(self) -> str:
-        text = super().__repr__()
-        return f"{text[:-1]}, padding={self._spec_padding})" if self._pad_width else text
+        return self._repr_padding(super().__repr__(), "padding")
 
 
 class BatchNorm2D(nn.BatchNorm):
@@ -146,64 +209,65 @@ class BatchNorm2D(nn.BatchNorm):
         return out, mean, inv_std**-2 - self.eps
 
 
-class MaxPool2D(nn.MaxPool2D):
+class MaxPool2D(_SpecPadding, nn.MaxPool2D):
     """`nn.MaxPool2D` (whose padding never wins the max) that pads with -inf explicitly first when
     the spec's padding is asymmetric."""
 
+    PAD_VALUE = float("-inf")
+
     def __init__(self, node: MaxPool2d) -> None:
-        super().__init__(node.kernel, node.stride, _layer_padding(node.padding), prefix=f"{node.name}.")
-        self._pad_width = _pad_width(node.padding)
-        self._spec_padding = node.padding
+        super().__init__(node.kernel, node.stride, prefix=f"{node.name}.")
+        self._init_padding(node)
 
     def hybrid_forward(self, F: Any, x: Any) -> Any:
-        if self._pad_width:
-            x = F.pad(x, mode="constant", pad_width=self._pad_width, constant_value=float("-inf"))
-        return super().hybrid_forward(F, x)
+        return super().hybrid_forward(F, self._pad(F, x))
 
     def __repr__(self) -> str:
-        text = super().__repr__()
-        return f"{text[:-1]}, spec_padding={self._spec_padding})" if self._pad_width else text
+        return self._repr_padding(super().__repr__(), "spec_padding")
 
 
-class AvgPool2D(nn.AvgPool2D):
+class AvgPool2D(_SpecPadding, nn.AvgPool2D):
     """`nn.AvgPool2D` that zero-pads explicitly first when the spec's padding is asymmetric (the
     padded zeros then count in the divisor: `count_include_pad=True` only)."""
 
     def __init__(self, node: AvgPool2d) -> None:
         super().__init__(
-            node.kernel,
-            node.stride,
-            _layer_padding(node.padding),
-            count_include_pad=node.count_include_pad,
-            prefix=f"{node.name}.",
+            node.kernel, node.stride, count_include_pad=node.count_include_pad, prefix=f"{node.name}."
         )
-        self._pad_width = _pad_width(node.padding)
-        self._spec_padding = node.padding
+        self._init_padding(node)
 
     def hybrid_forward(self, F: Any, x: Any) -> Any:
-        if self._pad_width:
-            x = F.pad(x, mode="constant", pad_width=self._pad_width, constant_value=0.0)
-        return super().hybrid_forward(F, x)
+        return super().hybrid_forward(F, self._pad(F, x))
 
     def __repr__(self) -> str:
-        text = super().__repr__()
-        return f"{text[:-1]}, spec_padding={self._spec_padding})" if self._pad_width else text
+        return self._repr_padding(super().__repr__(), "spec_padding")
 
 
 class AsymmetricAvgPool2D(gluon.HybridBlock):
-    """Average pooling with per-side padding whose divisor counts only real (unpadded) pixels.
+    """Average pooling with per-side (asymmetric or SAME) padding whose divisor counts only real
+    (unpadded) pixels.
 
     MXNet's `Pooling` pads symmetrically, and padding explicitly first would make the padded
     zeros count; this divides the window sums of the padded input by those of a padded mask.
+    SAME pads are set per input size by `GraphBlock.forward` (`set_padding`).
     """
 
     def __init__(self, node: AvgPool2d) -> None:
         super().__init__(prefix=f"{node.name}.")
+        self._where = f"{node.name} ({type(node).__name__})"
         self.kernel = node.kernel
         self.stride = node.stride
-        self.padding = node.padding
+        self.spec_padding = node.padding
+        self.padding: Padding | None = None if node.padding == SAME else node.padding
+
+    def set_padding(self, padding: Padding) -> bool:
+        """Pad per side by `padding` from now on; returns whether that changed anything."""
+        changed, self.padding = padding != self.padding, padding
+        return changed
 
     def hybrid_forward(self, F: Any, x: Any) -> Any:
+        if self.padding is None:
+            raise _unresolved_same(self._where)
         pad_width = (0, 0, 0, 0, *self.padding[0], *self.padding[1])
         ones = F.ones_like(F.slice_axis(x, axis=1, begin=0, end=1))
         sums, counts = (
@@ -219,9 +283,24 @@ class AsymmetricAvgPool2D(gluon.HybridBlock):
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(size={self.kernel}, stride={self.stride}, padding={self.padding}, "
-            "count_include_pad=False)"
+            f"{type(self).__name__}(size={self.kernel}, stride={self.stride}, "
+            f"padding={self.spec_padding!r}, count_include_pad=False)"
         )
+
+
+class ZeroPad2D(gluon.HybridBlock):
+    """Zero padding per side (`Pad2d`, Keras' `ZeroPadding2D`): `F.pad` in constant mode."""
+
+    def __init__(self, node: Pad2d) -> None:
+        super().__init__(prefix=f"{node.name}.")
+        self.padding = node.padding
+
+    def hybrid_forward(self, F: Any, x: Any) -> Any:
+        (top, bottom), (left, right) = self.padding
+        return F.pad(x, mode="constant", pad_width=(0, 0, 0, 0, top, bottom, left, right), constant_value=0.0)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(padding={self.padding})"
 
 
 class Sum(gluon.HybridBlock):
@@ -290,11 +369,12 @@ class GraphBlock(_Container):
     """The network: calls each node's block in graph order; returns the graph's output (a tuple
     for several outputs).
 
-    In training mode with NDArray inputs, `forward` applies the spec's BatchNorm running-statistics
-    update (PyTorch's: in the forward pass, unbiased variance). Use it like any Gluon block:
+    With NDArray inputs, `forward` first sets the pads of every SAME node for the input size
+    (clearing the hybridized graph when they change), and in training mode it then applies the
+    spec's BatchNorm running-statistics update (in the forward pass). Use it like any Gluon block:
     `hybridize()`, `autograd.record(train_mode=True)`, `export(path)`. Called with Symbols (inside
     another block's hybridized graph, or `export`) it gives the outputs only, so there the
-    running statistics are not updated.
+    running statistics are not updated and SAME nodes keep the pads of the last NDArray input.
     """
 
     def __init__(self, graph: Graph, blocks: dict[str, gluon.HybridBlock]) -> None:
@@ -306,7 +386,7 @@ class GraphBlock(_Container):
         # A read-only view, not a dict: Gluon warns about dicts holding unregistered blocks.
         self.blocks = MappingProxyType(dict(blocks))
         self._batchnorms = tuple(n for n in graph.nodes if isinstance(n, BatchNorm))
-        self._counts: dict[tuple[Any, ...], dict[str, int]] = {}
+        self._plans: dict[tuple[Any, ...], _Plan] = {}
 
     def hybrid_forward(self, F: Any, x: Any, *more: Any) -> tuple[Any, ...]:
         values = dict(zip((i.name for i in self.graph.inputs), (x, *more), strict=True))
@@ -323,7 +403,8 @@ class GraphBlock(_Container):
         symbolic = isinstance(x, mx.sym.Symbol)
         training = autograd.is_training() and not symbolic
         if not symbolic:
-            counts = self._batch_counts(tuple(tuple(v.shape) for v in (x, *more)), training)
+            counts, same_pads = self._plan(tuple(tuple(v.shape) for v in (x, *more)), training)
+            self._set_same_padding(same_pads)
         results = super().forward(x, *more)
         if not isinstance(results, (list, tuple)):
             results = (results,)
@@ -332,19 +413,26 @@ class GraphBlock(_Container):
             self._update_running(results[len(outputs) :], counts)
         return outputs[0] if len(outputs) == 1 else outputs
 
-    def _batch_counts(self, shapes: tuple[tuple[int, ...], ...], training: bool) -> dict[str, int]:
-        """Check the input shapes and return N*H*W at each BatchNorm (cached per shape)."""
+    def _plan(self, shapes: tuple[tuple[int, ...], ...], training: bool) -> _Plan:
+        """`_checked_plan` for these input shapes, cached per shape."""
         key = (shapes, training)
-        if key not in self._counts:
-            if len(self._counts) >= 64:
-                self._counts.clear()
-            self._counts[key] = _checked_counts(self.graph, shapes, training)
-        return self._counts[key]
+        if key not in self._plans:
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            self._plans[key] = _checked_plan(self.graph, shapes, training)
+        return self._plans[key]
+
+    def _set_same_padding(self, same_pads: dict[str, Padding]) -> None:
+        """Give the SAME nodes' blocks their pads; a change drops the hybridized graph (rebuilt
+        on this call with the new pads, as a Symbol cannot compute them from its input size)."""
+        changed = [self.blocks[name].set_padding(pads) for name, pads in same_pads.items()]
+        if any(changed):
+            self._clear_cached_op()
 
     def _update_running(self, statistics: tuple[Any, ...], counts: dict[str, int]) -> None:
         """Running statistics as the spec defines them, from each BatchNorm's batch mean and
         biased variance: `running = (1 - m) * running + m * stat`, the variance scaled by
-        n / (n - 1).
+        n / (n - 1) where the node's `running_variance` is "unbiased" (by 1 where "biased").
 
         `multi_sgd_update` computes `w = (1 - lr * wd) * w - lr * g` for many arrays in one op:
         with `lr = -m * s` and `wd = -1 / s` that is the running average of `s * stat`.
@@ -355,7 +443,7 @@ class GraphBlock(_Container):
             n, m = counts[node.name], node.momentum
             for param, stat, scale in (
                 (block.running_mean, statistics[2 * index], 1.0),
-                (block.running_var, statistics[2 * index + 1], n / (n - 1)),
+                (block.running_var, statistics[2 * index + 1], _variance_factor(node, n)),
             ):
                 arrays.append((param.data(), stat))
                 lrs.append(-m * scale)
@@ -376,10 +464,17 @@ class GraphBlock(_Container):
         """Write `path-symbol.json` and `path-EPOCH.params` for `gluon.SymbolBlock.imports`
         (input name `data`, or `data0`, `data1`, ... for several inputs); returns both paths.
 
-        Needs no prior `hybridize()` or forward pass. The exported graph is plain MXNet: its
-        BatchNorm nodes carry Gluon's momentum (1 - spec momentum) and MXNet's own
-        running-statistics update, and return only their normalised output.
+        Needs no prior `hybridize()` or forward pass, except with SAME padding: a Symbol has no
+        size to compute SAME pads from, so the export fixes the pads of the last NDArray input
+        (ShapeError before any). The exported graph is then exact for inputs of that size, and
+        of any size with the same pads (those of equal `size % stride` at each SAME node). The
+        exported graph is plain MXNet: its BatchNorm nodes carry Gluon's momentum
+        (1 - spec momentum) and MXNet's own running-statistics update, and return only their
+        normalised output.
         """
+        for block in self.blocks.values():
+            if getattr(block, "spec_padding", None) == SAME and block.padding is None:
+                raise _unresolved_same(block._where)
         path = os.fspath(path)
         names = (
             ["data"] if len(self.graph.inputs) == 1 else [f"data{i}" for i in range(len(self.graph.inputs))]
@@ -413,9 +508,24 @@ class GraphBlock(_Container):
         return graph_json
 
 
-def _checked_counts(graph: Graph, shapes: tuple[tuple[int, ...], ...], training: bool) -> dict[str, int]:
-    """Check input shapes (ShapeError naming the expected shape) and return N*H*W at each
-    BatchNorm; in training mode each must exceed 1, as the unbiased variance needs."""
+def _variance_factor(node: BatchNorm, count: int) -> float:
+    """What the running variance takes of the biased batch variance over `count` values."""
+    return count / (count - 1) if node.running_variance == "unbiased" else 1.0
+
+
+class _Plan(NamedTuple):
+    """What `GraphBlock.forward` needs to know of an input size."""
+
+    counts: dict[str, int]
+    """N*H*W at each BatchNorm."""
+    same_pads: dict[str, Padding]
+    """Per-side pads of each SAME node."""
+
+
+def _checked_plan(graph: Graph, shapes: tuple[tuple[int, ...], ...], training: bool) -> _Plan:
+    """Check input shapes (ShapeError naming the expected shape); return N*H*W at each BatchNorm
+    and the pads of each SAME node. In training mode each count must exceed 1, as the spec
+    requires to estimate a batch variance."""
     if len(shapes) != len(graph.inputs):
         raise ShapeError(
             f"{graph.name}: takes {len(graph.inputs)} input(s) {[i.name for i in graph.inputs]}; "
@@ -429,8 +539,12 @@ def _checked_counts(graph: Graph, shapes: tuple[tuple[int, ...], ...], training:
             inferred = infer_shapes(graph, {i.name: s for i, s in zip(graph.inputs, shapes, strict=True)})
         except SpecError as error:
             raise ShapeError(f"{graph.name}: inputs of shapes {list(shapes)} do not fit: {error}") from None
-    counts = {}
+    counts, same_pads = {}, {}
     for node in graph.nodes:
+        if isinstance(node, (Conv2d, MaxPool2d, AvgPool2d)) and node.padding == SAME:
+            dilation = node.dilation if isinstance(node, Conv2d) else (1, 1)
+            size = inferred[node.inputs[0]][2:]
+            same_pads[node.name] = resolve_padding(SAME, size, node.kernel, node.stride, dilation)
         if isinstance(node, BatchNorm):
             n, _, h, w = inferred[node.inputs[0]]
             counts[node.name] = n * h * w
@@ -440,7 +554,7 @@ def _checked_counts(graph: Graph, shapes: tuple[tuple[int, ...], ...], training:
                     f"estimate the batch variance; got N*H*W = {counts[node.name]} for input "
                     f"{inferred[node.inputs[0]]}. Use a batch of 2 or more, or eval mode."
                 )
-    return counts
+    return _Plan(counts, same_pads)
 
 
 class LoweringContext:
@@ -488,9 +602,16 @@ def _maxpool2d(ctx: LoweringContext, node: MaxPool2d) -> gluon.HybridBlock:
 
 @lowers(AvgPool2d)
 def _avgpool2d(ctx: LoweringContext, node: AvgPool2d) -> gluon.HybridBlock:
-    if not node.count_include_pad and _pad_width(node.padding):
+    # SAME pads are asymmetric at some input sizes, so SAME counting only real pixels always
+    # takes the masked division.
+    if not node.count_include_pad and (node.padding == SAME or _pad_width(node.padding)):
         return AsymmetricAvgPool2D(node)
     return AvgPool2D(node)
+
+
+@lowers(Pad2d)
+def _pad2d(ctx: LoweringContext, node: Pad2d) -> gluon.HybridBlock:
+    return ZeroPad2D(node)
 
 
 @lowers(GlobalAvgPool)

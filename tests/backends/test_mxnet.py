@@ -1,6 +1,7 @@
 """MXNet backend: lowering of every node type against the NumPy reference (eager and hybridized),
-BatchNorm semantics, hybridize parity, export/import, the parameter name mapping, the Trainer
-step with PyTorch's SGD, and input errors. The conformance suite covers the zoo models."""
+SAME padding per input size (hybridized, exported, nested), BatchNorm semantics (and MXNet's own),
+hybridize parity, export/import, the parameter name mapping, the Trainer step with PyTorch's SGD,
+and input errors. The conformance suite covers the zoo models."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from multires.graph import (  # noqa: E402
     Graph,
     Input,
     MaxPool2d,
+    Pad2d,
     ReLU,
 )
 from multires.reference import relative_error  # noqa: E402
@@ -69,6 +71,17 @@ CASES = {
     "avgpool_asymmetric_exclude": [
         AvgPool2d("p", "x", kernel=3, stride=2, padding=((1, 0), (0, 1)), count_include_pad=False)
     ],
+    "conv_same_stride2": [Conv2d("c", "x", out_channels=4, kernel=3, stride=2, padding="same", bias=True)],
+    "maxpool_same": [MaxPool2d("p", "x", kernel=3, stride=2, padding="same")],
+    "avgpool_same_include": [AvgPool2d("p", "x", kernel=(3, 2), stride=2, padding="same")],
+    "avgpool_same_exclude": [
+        AvgPool2d("p", "x", kernel=3, stride=2, padding="same", count_include_pad=False)
+    ],
+    "zero_pad_then_maxpool": [
+        Pad2d("pad", "x", padding=((1, 0), (2, 1))),
+        MaxPool2d("p", "pad", kernel=3, stride=2),
+    ],
+    "batchnorm_biased": [BatchNorm("b", "x", eps=1e-3, momentum=0.3, running_variance="biased")],
     "stem_preact": [
         Conv2d("conv", "x", out_channels=4, kernel=3, padding=1),
         BatchNorm("bn", "conv"),
@@ -126,9 +139,13 @@ def test_maxpool_padding_never_wins() -> None:
     np.testing.assert_allclose(out, reference.run(graph, {}, x), rtol=1e-6)
 
 
-def test_batchnorm_running_variance_is_unbiased_and_updated_in_forward(hybridize: bool) -> None:
-    """MXNet's own BatchNorm updates in backward with the biased variance; the spec's doesn't."""
-    graph = _graph([BatchNorm("b", "x", eps=1e-3, momentum=0.25)], head=False)
+@pytest.mark.parametrize("convention", ["unbiased", "biased"])
+def test_batchnorm_running_variance_follows_the_spec_and_is_updated_in_forward(
+    hybridize: bool, convention: str
+) -> None:
+    """MXNet's own BatchNorm updates in backward with the biased variance; the spec's updates in
+    forward, with the unbiased or biased variance as the node says."""
+    graph = _graph([BatchNorm("b", "x", eps=1e-3, momentum=0.25, running_variance=convention)], head=False)
     w = random_weights(graph, seed=1)
     x, _ = _batch(graph, (2, 3, 2, 2))
     model = backend.load_weights(backend.build(graph), w)
@@ -146,12 +163,102 @@ def test_batchnorm_running_variance_is_unbiased_and_updated_in_forward(hybridize
     n = 2 * 2 * 2
     unbiased = 0.75 * w["b.running_var"] + 0.25 * var * n / (n - 1)
     biased = 0.75 * w["b.running_var"] + 0.25 * var
-    assert relative_error(after_forward["b.running_var"], unbiased) <= 1e-6
-    assert relative_error(after_forward["b.running_var"], biased) > 1e-2
+    expected, other = (unbiased, biased) if convention == "unbiased" else (biased, unbiased)
+    assert relative_error(after_forward["b.running_var"], expected) <= 1e-6
+    assert relative_error(after_forward["b.running_var"], other) > 1e-2
     expected_mean = 0.75 * w["b.running_mean"] + 0.25 * x.astype(np.float64).mean(axis=(0, 2, 3))
     assert relative_error(after_forward["b.running_mean"], expected_mean) <= 1e-6
     for name in ("b.running_mean", "b.running_var"):
         np.testing.assert_array_equal(after_backward[name], after_forward[name])
+
+
+def test_mxnets_own_batchnorm_updates_in_backward_with_the_biased_variance(hybridize: bool) -> None:
+    """Why the backend applies the update itself: Gluon's `nn.BatchNorm` (MXNet 1.9.1) leaves
+    `running_var` alone in a training-mode forward pass and updates it in backward, with the
+    biased batch variance (`momentum` is the weight of the old value)."""
+    x, _ = _batch(_graph([ReLU("r", "x")]), (2, 3, 2, 2))
+    bn = gluon.nn.BatchNorm(momentum=0.9, in_channels=3)
+    bn.initialize()
+    if hybridize:
+        bn.hybridize()
+    data = nd.array(x)
+    data.attach_grad()
+    with autograd.record(train_mode=True):
+        y = bn(data)
+    np.testing.assert_array_equal(bn.running_var.data().asnumpy(), np.ones(3, np.float32))
+    y.backward()
+    var = x.astype(np.float64).var(axis=(0, 2, 3))
+    running = bn.running_var.data().asnumpy()
+    assert relative_error(running, 0.9 + 0.1 * var) <= 1e-6
+    assert relative_error(running, 0.9 + 0.1 * var * 8 / 7) > 1e-2
+
+
+def _same_graph() -> Graph:
+    """SAME convolution and pooling whose pads change with the input size."""
+    return _graph(
+        [
+            Conv2d("c", "x", out_channels=4, kernel=3, stride=2, padding="same"),
+            MaxPool2d("p", "c", kernel=3, stride=2, padding="same"),
+            AvgPool2d("a", "p", kernel=2, padding="same", count_include_pad=False),
+        ]
+    )
+
+
+def test_same_padding_follows_the_input_size(hybridize: bool) -> None:
+    """SAME pads are set for each input size; hybridized, the graph is rebuilt only when they change."""
+    graph = _same_graph()
+    w = random_weights(graph, seed=5)
+    model = backend.load_weights(backend.build(graph), w)
+    if hybridize:
+        model.hybridize(static_alloc=True)
+    ops = []
+    for size in ((9, 9), (10, 11), (9, 9), (17, 17)):  # 9 and 17 give the same pads, 10 and 11 others
+        x, _ = _batch(graph, (2, 3, *size))
+        assert relative_error(model(nd.array(x)).asnumpy(), reference.run(graph, w, x)) <= TOL, size
+        ops.append(model._cached_op)
+    if hybridize:
+        assert ops[0] is not ops[1] and ops[1] is not ops[2] and ops[2] is ops[3]
+
+
+@pytest.mark.filterwarnings("ignore:Cannot decide type")
+def test_same_padding_export_fixes_the_pads_of_the_last_input(tmp_path) -> None:
+    graph = multires.spec("d2l_resnet18", edition="tf")
+    w = random_weights(graph, seed=6)
+    model = backend.load_weights(backend.build(graph), w)
+    with pytest.raises(ShapeError, match=r"b1\.0 \(Conv2d\): padding='same' depends on the input size.*once"):
+        model.export(tmp_path / "early")
+    x, _ = _batch(graph, (2, 1, 45, 45))
+    model.hybridize()
+    expected = model(nd.array(x)).asnumpy()
+    symbol_file, params_file = model.export(tmp_path / "tf")
+    imported = gluon.SymbolBlock.imports(symbol_file, ["data"], params_file)
+    np.testing.assert_allclose(imported(nd.array(x)).asnumpy(), expected, rtol=1e-5, atol=1e-6)
+    assert relative_error(expected, reference.run(graph, w, x)) <= TOL
+
+
+def test_same_padding_inside_another_hybridized_block() -> None:
+    """A Symbol has no size: nested in another block's graph, SAME needs one NDArray call first."""
+    graph = _same_graph()
+    w = random_weights(graph, seed=5)
+    x, _ = _batch(graph, (2, 3, 9, 10))
+    model = backend.load_weights(backend.build(graph), w)
+    outer = gluon.nn.HybridSequential()
+    outer.add(model)
+    outer.hybridize()
+    with pytest.raises(ShapeError, match=r"c \(Conv2d\): padding='same'.*NDArray"):
+        outer(nd.array(x))
+    model(nd.array(x))
+    outer.hybridize()
+    assert relative_error(outer(nd.array(x)).asnumpy(), reference.run(graph, w, x)) <= TOL
+
+
+def test_same_and_pad2d_print_as_the_spec_says() -> None:
+    model = backend.build(multires.spec("d2l_resnet18", edition="tf"))
+    model(nd.zeros((1, 1, 45, 45)))
+    assert repr(model.b1[0]) == "Conv2D(1 -> 64, kernel_size=(7, 7), stride=(2, 2), padding='same')"
+    assert repr(model.b1[3]).endswith("spec_padding='same')")
+    pad = backend.build(_graph([Pad2d("pad", "x", padding=((1, 0), (2, 1)))], head=False))
+    assert repr(pad.pad) == "ZeroPad2D(padding=((1, 0), (2, 1)))"
 
 
 def test_eval_mode_matches_use_global_stats() -> None:

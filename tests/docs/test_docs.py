@@ -28,6 +28,8 @@ TABS = {
     "Keras": "tf",
     "Flax": "flax",
     "MXNet": "mxnet",
+    "Gluon": "mxnet",
+    "Hugging Face": "torch",
     "ONNX": "onnx",
 }
 TAB = re.compile(r'^=== "(?P<title>[^"]+)"')

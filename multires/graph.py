@@ -60,6 +60,23 @@ def resolve_padding(
     return (rows, cols)
 
 
+def static_padding(node: Conv2d | MaxPool2d | AvgPool2d) -> Padding | None:
+    """The node's per-side padding when no input size changes it, else None.
+
+    Explicit padding is static; so is SAME with stride 1 (`(k - 1) * d` in all, the larger half
+    after) or with a one-pixel window (nothing), on both axes. Only SAME at a stride above 1 over
+    a wider window depends on the input size, and a backend computes it when it sees the input.
+    """
+    if node.padding != SAME:
+        return node.padding  # type: ignore[return-value]
+    dilation = node.dilation if isinstance(node, Conv2d) else (1, 1)
+    axes = list(zip(node.kernel, node.stride, dilation, strict=True))
+    if any(s > 1 and k > 1 for k, s, _ in axes):
+        return None
+    rows, cols = (same_padding(1, k, s, d) for k, s, d in axes)
+    return (rows, cols)
+
+
 def symmetric_padding(padding: Padding) -> Pair | None:
     """`(ph, pw)` when each axis pads both sides alike (what a framework layer's own `padding`
     argument can express), else None (the backend pads explicitly before the layer)."""

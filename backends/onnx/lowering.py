@@ -16,9 +16,24 @@ How spec semantics map onto ONNX (opset `OPSET`):
   `count_include_pad=1`, #29631 on the CUDA average; ONNX's Python `ReferenceEvaluator` reads a
   stride-1 max pool's pads in the wrong order), and an explicit `Pad` is exact everywhere. An
   average that excludes padding from its divisor needs the operator's own pads, so it keeps them.
+- TensorFlow/XLA SAME padding (`padding="same"`): where it does not depend on the input size
+  (stride 1, or a one-pixel window, on both axes) it is resolved at build time and lowered as
+  the explicit padding above. Otherwise the pads depend on H and W, which a model built here
+  leaves symbolic (one file serves every image size), so they cannot be attributes:
+  - Conv uses `auto_pad="SAME_UPPER"`, ONNX's own name for TF's rule (the larger half after),
+    except when dilated, which onnxruntime rejects with `SAME_UPPER`: then, as for pools, an
+    explicit `Pad` whose pads a few integer nodes compute from `Shape(x)`
+    (`total = (k - 1) * d - (size - 1) % s`), before an unpadded operator.
+  - MaxPool and a counting AveragePool: that computed `Pad` (-inf or zeros), as asymmetric
+    explicit padding above.
+  - An AveragePool that leaves the pads out of its divisor (TF's own SAME average) uses
+    `auto_pad="SAME_UPPER"` with `count_include_pad=0`; a window shorter than `stride - 1` is
+    refused (onnxruntime rejects the negative pads that `SAME_UPPER` then asks for).
+- Pad2d is `Pad` with zeros.
 - BatchNormalization in inference mode (`training_mode=0`, the default) with the spec's
   epsilon; ONNX's momentum is the weight of the old running statistic, so it is
-  `1 - momentum` of the spec (kept for tools that train the exported graph).
+  `1 - momentum` of the spec (kept for tools that train the exported graph). The spec's
+  `running_variance` convention only changes training-mode updates, so it has nothing to lower.
 - Dense is `Gemm` with `transB=1`, the weight staying canonical `(out, in)`; Flatten is ONNX
   `Flatten(axis=1)` of an NCHW map, which is the spec's channel-major order.
 - `layout="NHWC"`: a `Transpose` to NCHW after each input and back after each 4-D output; the
@@ -48,7 +63,10 @@ from multires.graph import (
     Graph,
     MaxPool2d,
     Node,
+    Pad2d,
+    Padding,
     ReLU,
+    static_padding,
     symmetric_padding,
 )
 from multires.shapes import Shape, check_layout, infer_shapes
@@ -93,34 +111,61 @@ class LoweringContext:
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
-    def symmetric_pads(self, node: MaxPool2d | AvgPool2d, x: str, value: float) -> tuple[str, list[int]]:
-        """The pool's input and `pads`: symmetric padding stays on the operator; asymmetric padding
-        becomes an explicit `Pad` with `value` before it (named `<node>/pad`, its operands
-        `Constant`s so that the initializers stay exactly the canonical weights)."""
-        if symmetric_padding(node.padding) is not None:
-            return x, _pads(node)
-        (top, bottom), (left, right) = node.padding
-        pads, fill = f"{node.name}/pads", f"{node.name}/pad_value"
-        self.nodes += [
-            helper.make_node(
-                "Constant",
-                [],
-                [pads],
-                name=pads,
-                value=numpy_helper.from_array(
-                    np.array([0, 0, top, left, 0, 0, bottom, right], np.int64), pads
-                ),
-            ),
-            helper.make_node(
-                "Constant",
-                [],
-                [fill],
-                name=fill,
-                value=numpy_helper.from_array(np.array(value, np.float32), fill),
-            ),
-            helper.make_node("Pad", [x, pads, fill], [f"{node.name}/padded"], name=f"{node.name}/pad"),
-        ]
-        return f"{node.name}/padded", [0, 0, 0, 0]
+    def constant(self, name: str, value: np.ndarray) -> str:
+        """A `Constant` node holding `value`, named and written as `name`: helper operands stay
+        out of the initializers, which are exactly the canonical weights."""
+        tensor = numpy_helper.from_array(np.asarray(value), name)
+        self.nodes.append(helper.make_node("Constant", [], [name], name=name, value=tensor))
+        return name
+
+    def pad(self, node: Node, x: str, pads: str, value: float) -> str:
+        """`Pad` of `x` by the tensor `pads` with `value`, written as `<node>/padded`."""
+        fill = self.constant(f"{node.name}/pad_value", np.array(value, np.float32))
+        self.nodes.append(
+            helper.make_node("Pad", [x, pads, fill], [f"{node.name}/padded"], name=f"{node.name}/pad")
+        )
+        return f"{node.name}/padded"
+
+    def fixed_pad(self, node: Node, x: str, padding: Padding, value: float) -> str:
+        """`x` padded by the per-side `padding` with `value`."""
+        (top, bottom), (left, right) = padding
+        pads = self.constant(f"{node.name}/pads", np.array([0, 0, top, left, 0, 0, bottom, right], np.int64))
+        return self.pad(node, x, pads, value)
+
+    def op(self, op_type: str, name: str, *inputs: str, **attributes: object) -> str:
+        """Append a helper node `name` that writes the tensor `name`; returns `name`."""
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], name=name, **attributes))
+        return name
+
+    def same_pad(self, node: Conv2d | MaxPool2d | AvgPool2d, x: str, value: float) -> str:
+        """`x` padded with `value` by TensorFlow/XLA SAME pads computed from its runtime size:
+        per axis `total = max((k - 1) * d - (size - 1) % s, 0)`, the smaller half before."""
+        name = f"{node.name}/same"
+        span = np.array([(k - 1) * d for k, d in zip(node.kernel, _dilation(node), strict=True)], np.int64)
+        stride = np.array(node.stride, np.int64)
+        zeros = self.constant(f"{name}/zeros", np.zeros(2, np.int64))
+        size = self.op("Shape", f"{name}/size", x, start=2, end=4)
+        last = self.op("Sub", f"{name}/last", size, self.constant(f"{name}/one", np.ones(2, np.int64)))
+        remainder = self.op("Mod", f"{name}/remainder", last, self.constant(f"{name}/stride", stride))
+        total = self.op("Sub", f"{name}/total", self.constant(f"{name}/span", span), remainder)
+        if np.any(span < stride - 1):  # only then can the remainder exceed the span
+            total = self.op("Max", f"{name}/total_or_0", total, zeros)
+        before = self.op(
+            "Div", f"{name}/before", total, self.constant(f"{name}/two", np.full(2, 2, np.int64))
+        )
+        after = self.op("Sub", f"{name}/after", total, before)
+        pads = self.op("Concat", f"{name}/pads", zeros, before, zeros, after, axis=0)  # N and C unpadded
+        return self.pad(node, x, pads, value)
+
+    def pool_input(self, node: MaxPool2d | AvgPool2d, x: str, value: float) -> tuple[str, list[int]]:
+        """The pool's input and `pads`: symmetric padding stays on the operator; asymmetric or
+        SAME padding becomes an explicit `Pad` with `value` before it (`<node>/pad`)."""
+        fixed = static_padding(node)
+        if fixed is None:
+            return self.same_pad(node, x, value), [0, 0, 0, 0]
+        if symmetric_padding(fixed) is not None:
+            return x, _pads(fixed)
+        return self.fixed_pad(node, x, fixed, value), [0, 0, 0, 0]
 
 
 Lowering = Callable[[LoweringContext, Node, list[str], str], str]
@@ -129,15 +174,26 @@ LOWERINGS = LoweringTable("onnx")
 lowers = LOWERINGS.register
 
 
-def _pads(node: Conv2d | MaxPool2d | AvgPool2d) -> list[int]:
+def _pads(padding: Padding) -> list[int]:
     """The spec's `((top, bottom), (left, right))` as ONNX `[top, left, bottom, right]`."""
-    (top, bottom), (left, right) = node.padding
+    (top, bottom), (left, right) = padding
     return [top, left, bottom, right]
+
+
+def _dilation(node: Conv2d | MaxPool2d | AvgPool2d) -> tuple[int, int]:
+    return node.dilation if isinstance(node, Conv2d) else (1, 1)
 
 
 @lowers(Conv2d)
 def _conv2d(ctx: LoweringContext, node: Conv2d, inputs: list[str], output: str) -> str:
-    operands = [inputs[0], ctx.weight(node, "weight")]
+    x, fixed = inputs[0], static_padding(node)
+    if fixed is not None:
+        padding: dict[str, object] = {"pads": _pads(fixed)}
+    elif node.dilation == (1, 1):
+        padding = {"auto_pad": "SAME_UPPER"}
+    else:
+        x, padding = ctx.same_pad(node, x, 0.0), {"pads": [0, 0, 0, 0]}
+    operands = [x, ctx.weight(node, "weight")]
     if node.bias:
         operands.append(ctx.weight(node, "bias"))
     return ctx.emit(
@@ -147,9 +203,9 @@ def _conv2d(ctx: LoweringContext, node: Conv2d, inputs: list[str], output: str) 
         output,
         kernel_shape=list(node.kernel),
         strides=list(node.stride),
-        pads=_pads(node),
         dilations=list(node.dilation),
         group=node.groups,
+        **padding,
     )
 
 
@@ -176,7 +232,7 @@ def _add(ctx: LoweringContext, node: Add, inputs: list[str], output: str) -> str
 
 @lowers(MaxPool2d)
 def _maxpool2d(ctx: LoweringContext, node: MaxPool2d, inputs: list[str], output: str) -> str:
-    x, pads = ctx.symmetric_pads(node, inputs[0], float("-inf"))
+    x, pads = ctx.pool_input(node, inputs[0], float("-inf"))
     return ctx.emit(
         "MaxPool", node, [x], output, kernel_shape=list(node.kernel), strides=list(node.stride), pads=pads
     )
@@ -185,8 +241,17 @@ def _maxpool2d(ctx: LoweringContext, node: MaxPool2d, inputs: list[str], output:
 @lowers(AvgPool2d)
 def _avgpool2d(ctx: LoweringContext, node: AvgPool2d, inputs: list[str], output: str) -> str:
     # Without count_include_pad the divisor must see which pixels are padding, so the padding
-    # stays on the operator even when asymmetric.
-    x, pads = ctx.symmetric_pads(node, inputs[0], 0.0) if node.count_include_pad else (inputs[0], _pads(node))
+    # stays on the operator even when asymmetric or SAME.
+    x, fixed = inputs[0], static_padding(node)
+    padding: dict[str, object]
+    if node.count_include_pad:
+        x, pads = ctx.pool_input(node, x, 0.0)
+        padding = {"pads": pads}
+    elif fixed is not None:
+        padding = {"pads": _pads(fixed)}
+    else:
+        _check_same_average(node)
+        padding = {"auto_pad": "SAME_UPPER"}
     return ctx.emit(
         "AveragePool",
         node,
@@ -194,9 +259,28 @@ def _avgpool2d(ctx: LoweringContext, node: AvgPool2d, inputs: list[str], output:
         output,
         kernel_shape=list(node.kernel),
         strides=list(node.stride),
-        pads=pads,
         count_include_pad=int(node.count_include_pad),
+        **padding,
     )
+
+
+def _check_same_average(node: AvgPool2d) -> None:
+    """Refuse a SAME average without padding in its divisor whose window is shorter than
+    `stride - 1`: `SAME_UPPER` then asks for negative pads at some sizes, which onnxruntime rejects."""
+    if any(k - 1 < s - 1 for k, s in zip(node.kernel, node.stride, strict=True)):
+        raise SpecError(
+            f"{node.name} (AvgPool2d): onnx cannot lower padding='same' with count_include_pad=False "
+            f"when the kernel {node.kernel} is shorter than the stride {node.stride} minus 1 "
+            "(onnxruntime rejects the negative SAME_UPPER pads); use count_include_pad=True, a larger "
+            "kernel, or another backend."
+        )
+
+
+@lowers(Pad2d)
+def _pad2d(ctx: LoweringContext, node: Pad2d, inputs: list[str], output: str) -> str:
+    (top, bottom), (left, right) = node.padding
+    pads = ctx.constant(f"{node.name}/pads", np.array([0, 0, top, left, 0, 0, bottom, right], np.int64))
+    return ctx.emit("Pad", node, [inputs[0], pads], output)
 
 
 @lowers(GlobalAvgPool)

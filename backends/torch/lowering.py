@@ -14,7 +14,17 @@ How spec semantics map onto PyTorch:
   (so padding never wins the max).
 - Average pooling with asymmetric padding and `count_include_pad=False` divides window sums by
   the number of real pixels in each window (`AsymmetricAvgPool2d`).
-- BatchNorm's eps and momentum are PyTorch's convention already and are copied unchanged.
+- TensorFlow/XLA SAME padding (`padding="same"`): where it does not depend on the input size
+  (stride 1, or a one-pixel window, on both axes) it is resolved at build time and lowered as
+  the explicit padding above, so a stride-1 3x3 convolution is `Conv2d(..., padding=(1, 1))`.
+  Otherwise the layer is `Conv2dSame`, `MaxPool2dSame` or `AvgPool2dSame` (timm's names): the
+  PyTorch layer with its pads computed from the input's size in `forward` (`same_pads`), which
+  traces with `torch.fx` and exports with dynamic H and W. PyTorch's own `padding='same'` is a
+  different thing: stride 1 only (where it equals TF's), and a copy with a warning for even kernels.
+- Pad2d is `nn.ZeroPad2d`.
+- BatchNorm's eps and momentum are PyTorch's convention already and are copied unchanged. The
+  default running variance (unbiased) is `nn.BatchNorm2d`; the biased one (Keras, Flax, MXNet)
+  is `BiasedVarianceBatchNorm2d`, which differs only in its training-mode running-variance update.
 - ReLU and Add work in place where that cannot change any other value or gradient
   (`LoweringContext.can_overwrite`), as torchvision's `ReLU(inplace=True)` and `out += identity`.
 - `layout="NHWC"`: the input is permuted to NCHW at entry and 4-D outputs back at exit; the
@@ -49,15 +59,18 @@ from multires.graph import (
     Graph,
     MaxPool2d,
     Node,
+    Pad2d,
     Padding,
+    Pair,
     ReLU,
+    static_padding,
     symmetric_padding,
 )
 from multires.shapes import Shape, check_layout, infer_shapes
 
 LAYOUTS = ("NCHW", "NHWC")
 
-_FRESH_OUTPUT = (Conv2d, BatchNorm, Add, MaxPool2d, AvgPool2d, GlobalAvgPool, Dense)
+_FRESH_OUTPUT = (Conv2d, BatchNorm, Add, MaxPool2d, AvgPool2d, Pad2d, GlobalAvgPool, Dense)
 """Node types whose output is a new tensor that their own backward does not need."""
 
 
@@ -85,14 +98,14 @@ class LoweringContext:
         return self.fx_graph.create_node("call_function", function, args, kwargs, name=name)
 
     def pad(
-        self, node: Conv2d | MaxPool2d | AvgPool2d, x: fx.Node, value: float
+        self, node: Conv2d | MaxPool2d | AvgPool2d, padding: Padding, x: fx.Node, value: float
     ) -> tuple[tuple[int, int], fx.Node]:
-        """The layer padding `(ph, pw)` to use and its input: symmetric padding stays on the layer,
-        asymmetric padding becomes an explicit `F.pad` with `value`."""
-        symmetric = symmetric_padding(node.padding)
+        """The layer padding `(ph, pw)` to use and its input: symmetric `padding` stays on the
+        layer, asymmetric padding becomes an explicit `F.pad` with `value`."""
+        symmetric = symmetric_padding(padding)
         if symmetric is not None:
             return symmetric, x
-        (top, bottom), (left, right) = node.padding
+        (top, bottom), (left, right) = padding
         x = self.call_function(f"{node.name}.pad", F.pad, x, (left, right, top, bottom), value=value)
         return (0, 0), x
 
@@ -119,7 +132,19 @@ lowers = LOWERINGS.register
 
 @lowers(Conv2d)
 def _conv2d(ctx: LoweringContext, node: Conv2d, inputs: list[fx.Node]) -> fx.Node:
-    padding, x = ctx.pad(node, inputs[0], 0.0)
+    fixed = static_padding(node)
+    if fixed is None:
+        conv = Conv2dSame(
+            ctx.channels(node.inputs[0]),
+            node.out_channels,
+            node.kernel,
+            stride=node.stride,
+            dilation=node.dilation,
+            groups=node.groups,
+            bias=node.bias,
+        )
+        return ctx.call_module(node, conv, inputs[0])
+    padding, x = ctx.pad(node, fixed, inputs[0], 0.0)
     if node.kernel == (1, 1) and node.stride != (1, 1):
         # PyTorch 2.13's CPU (oneDNN, 2+ threads) weight gradient of a strided 1x1 convolution is
         # racy on channels_last inputs (NHWC layout, or a model moved to channels_last): off by
@@ -140,7 +165,8 @@ def _conv2d(ctx: LoweringContext, node: Conv2d, inputs: list[fx.Node]) -> fx.Nod
 
 @lowers(BatchNorm)
 def _batchnorm(ctx: LoweringContext, node: BatchNorm, inputs: list[fx.Node]) -> fx.Node:
-    bn = nn.BatchNorm2d(ctx.channels(node.inputs[0]), eps=node.eps, momentum=node.momentum)
+    kind = nn.BatchNorm2d if node.running_variance == "unbiased" else BiasedVarianceBatchNorm2d
+    bn = kind(ctx.channels(node.inputs[0]), eps=node.eps, momentum=node.momentum)
     return ctx.call_module(node, bn, inputs[0])
 
 
@@ -165,17 +191,30 @@ def _add(ctx: LoweringContext, node: Add, inputs: list[fx.Node]) -> fx.Node:
 
 @lowers(MaxPool2d)
 def _maxpool2d(ctx: LoweringContext, node: MaxPool2d, inputs: list[fx.Node]) -> fx.Node:
-    padding, x = ctx.pad(node, inputs[0], float("-inf"))
+    fixed = static_padding(node)
+    if fixed is None:
+        return ctx.call_module(node, MaxPool2dSame(node.kernel, node.stride), inputs[0])
+    padding, x = ctx.pad(node, fixed, inputs[0], float("-inf"))
     return ctx.call_module(node, nn.MaxPool2d(node.kernel, node.stride, padding), x)
 
 
 @lowers(AvgPool2d)
 def _avgpool2d(ctx: LoweringContext, node: AvgPool2d, inputs: list[fx.Node]) -> fx.Node:
-    if not node.count_include_pad and symmetric_padding(node.padding) is None:
-        return ctx.call_module(node, AsymmetricAvgPool2d(node.kernel, node.stride, node.padding), inputs[0])
-    padding, x = ctx.pad(node, inputs[0], 0.0)
+    fixed = static_padding(node)
+    if fixed is None:
+        pool = AvgPool2dSame(node.kernel, node.stride, count_include_pad=node.count_include_pad)
+        return ctx.call_module(node, pool, inputs[0])
+    if not node.count_include_pad and symmetric_padding(fixed) is None:
+        return ctx.call_module(node, AsymmetricAvgPool2d(node.kernel, node.stride, fixed), inputs[0])
+    padding, x = ctx.pad(node, fixed, inputs[0], 0.0)
     pool = nn.AvgPool2d(node.kernel, node.stride, padding, count_include_pad=node.count_include_pad)
     return ctx.call_module(node, pool, x)
+
+
+@lowers(Pad2d)
+def _pad2d(ctx: LoweringContext, node: Pad2d, inputs: list[fx.Node]) -> fx.Node:
+    (top, bottom), (left, right) = node.padding
+    return ctx.call_module(node, nn.ZeroPad2d((left, right, top, bottom)), inputs[0])
 
 
 @lowers(GlobalAvgPool)
@@ -201,6 +240,80 @@ def _dense(ctx: LoweringContext, node: Dense, inputs: list[fx.Node]) -> fx.Node:
     return ctx.call_module(node, linear, inputs[0])
 
 
+def same_pads(x: torch.Tensor, kernel: int | Pair, stride: int | Pair, dilation: int | Pair = 1) -> list[int]:
+    """`F.pad`'s `[left, right, top, bottom]` for TensorFlow/XLA SAME padding of `x` (N, C, H, W).
+
+    Per axis `total = (size - 1) // s * s + (k - 1) * d + 1 - size`, which is
+    `multires.graph.same_padding`'s `(k - 1) * d - (size - 1) % s`, the smaller half before. It is
+    integer arithmetic on the size (no ceil), so `torch.fx` traces it and `torch.export` keeps H and W
+    symbolic; written this way the padded size is a multiple of the stride plus the window, so
+    the output size is `(size - 1) // s + 1`, the very expression of an unpadded strided layer,
+    and export can prove a SAME branch and a strided 1x1 shortcut agree. `max(total, 0)` only
+    where the window spans fewer than `s - 1` pixels (only then can the total be negative).
+    """
+    kernel, stride, dilation = (v if isinstance(v, tuple) else (v, v) for v in (kernel, stride, dilation))
+    pads: list[int] = []
+    for axis in (1, 0):  # width first: F.pad takes the last dimension first
+        span, s, size = (kernel[axis] - 1) * dilation[axis], stride[axis], x.shape[axis + 2]
+        total = (size - 1) // s * s + span + 1 - size
+        if span < s - 1:
+            total = torch.sym_max(total, 0)
+        before = total // 2
+        pads += [before, total - before]
+    return pads
+
+
+class Conv2dSame(nn.Conv2d):
+    """`nn.Conv2d` with TensorFlow/XLA SAME padding: zeros per side from the input size, the
+    larger half after (PyTorch's own `padding='same'` only supports stride 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = same_pads(x, self.kernel_size, self.stride, self.dilation)
+        return self._conv_forward(F.pad(x, pads), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, padding=SAME"
+
+
+class MaxPool2dSame(nn.MaxPool2d):
+    """`nn.MaxPool2d` with TensorFlow/XLA SAME padding from the input size; the pads are -inf,
+    so they never win the max."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = same_pads(x, self.kernel_size, self.stride)
+        return F.max_pool2d(F.pad(x, pads, value=float("-inf")), self.kernel_size, self.stride)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding=SAME"
+
+
+class AvgPool2dSame(nn.AvgPool2d):
+    """`nn.AvgPool2d` with TensorFlow/XLA SAME padding from the input size. TensorFlow's own SAME
+    average leaves the pads out of the divisor (`count_include_pad=False`); with True they count
+    as zeros."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = same_pads(x, self.kernel_size, self.stride)
+        if self.count_include_pad:
+            return F.avg_pool2d(F.pad(x, pads), self.kernel_size, self.stride)
+        return _real_pixel_average(x, pads, self.kernel_size, self.stride)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding=SAME, "
+            f"count_include_pad={self.count_include_pad}"
+        )
+
+
+def _real_pixel_average(x: torch.Tensor, pads: list[int], kernel: Pair, stride: Pair) -> torch.Tensor:
+    """Average pooling of `x` zero-padded by `pads` (F.pad order) whose divisor counts only the
+    real pixels of each window: the window sums of the padded input over those of a padded mask."""
+    sums = F.avg_pool2d(F.pad(x, pads), kernel, stride, divisor_override=1)
+    ones = x.new_ones((1, 1, x.shape[2], x.shape[3]))
+    counts = F.avg_pool2d(F.pad(ones, pads), kernel, stride, divisor_override=1)
+    return sums / counts
+
+
 class AsymmetricAvgPool2d(nn.Module):
     """Average pooling with per-side padding whose divisor counts only real (unpadded) pixels.
 
@@ -216,14 +329,33 @@ class AsymmetricAvgPool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (top, bottom), (left, right) = self.padding
-        pad = (left, right, top, bottom)
-        sums = F.avg_pool2d(F.pad(x, pad), self.kernel_size, self.stride, divisor_override=1)
-        ones = x.new_ones((1, 1, x.shape[2], x.shape[3]))
-        counts = F.avg_pool2d(F.pad(ones, pad), self.kernel_size, self.stride, divisor_override=1)
-        return sums / counts
+        return _real_pixel_average(x, [left, right, top, bottom], self.kernel_size, self.stride)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, count_include_pad=False"
+
+
+class BiasedVarianceBatchNorm2d(nn.BatchNorm2d):
+    """`nn.BatchNorm2d` whose training-mode running variance takes the *biased* batch variance,
+    as Keras, Flax and MXNet do (PyTorch's takes the unbiased one, `n / (n - 1)` times larger).
+
+    Normalisation, eval mode, parameters and state_dict keys are `nn.BatchNorm2d`'s; in training
+    mode the running statistics are updated here, from `torch.var_mean` of the batch, and the
+    output is `F.batch_norm` on the batch statistics.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        with torch.no_grad():
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var, self.momentum)
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, running_variance=biased"
 
 
 class InputCheck(nn.Module):

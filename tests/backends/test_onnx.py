@@ -4,7 +4,8 @@ The lowering of every node against the reference on a graph that hits each porti
 by onnxruntime and by ONNX's own reference evaluator (so the model relies on the ONNX spec, not
 on one runtime's quirks); the file's structure (checker, opset, node and initializer names,
 BatchNorm attributes, a symbolic batch); canonical weights in and out; the inference-only
-Runner; `multires export` and `multires compare` with this backend.
+Runner; `multires export` and `multires compare` with this backend. SAME padding: one model
+serves even and odd sizes in both runtimes, and which operator carries the pads.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from multires import reference  # noqa: E402
 from multires.backend import backend_of, get_backend  # noqa: E402
 from multires.cli import main  # noqa: E402
 from multires.compare import OK, compare  # noqa: E402
-from multires.errors import MultiresError, ShapeError, TrainingError, WeightsError  # noqa: E402
+from multires.errors import MultiresError, ShapeError, SpecError, TrainingError, WeightsError  # noqa: E402
 from multires.graph import (  # noqa: E402
     Add,
     AvgPool2d,
@@ -34,6 +35,8 @@ from multires.graph import (  # noqa: E402
     Graph,
     Input,
     MaxPool2d,
+    Node,
+    Pad2d,
     ReLU,
 )
 from multires.weights import init_weights, random_weights, save, weight_shapes  # noqa: E402
@@ -345,3 +348,89 @@ def test_compare_with_onnx(capsys) -> None:
     )
     data = json.loads(capsys.readouterr().out)
     assert code == 0 and data["ok"] and [r["status"] for r in data["rows"]] == [OK, OK]
+
+
+# TensorFlow/XLA SAME padding, Pad2d and the biased running variance. ---------------------------
+
+
+def _single(node: Node) -> Graph:
+    return Graph(node.name, (Input("x", 3),), (node,), (node.name,))
+
+
+SAME_LAYERS = {
+    "conv_strided": Conv2d("n", "x", out_channels=2, kernel=3, stride=2, padding="same", bias=True),
+    "conv_dilated": Conv2d("n", "x", out_channels=2, kernel=3, stride=(2, 3), dilation=2, padding="same"),
+    "conv_window_shorter_than_stride": Conv2d(
+        "n", "x", out_channels=2, kernel=2, stride=(3, 4), padding="same"
+    ),
+    "conv_even_kernel_stride_1": Conv2d("n", "x", out_channels=2, kernel=(2, 4), padding="same"),
+    "maxpool": MaxPool2d("n", "x", kernel=3, stride=2, padding="same"),
+    "maxpool_window_shorter_than_stride": MaxPool2d("n", "x", kernel=(2, 3), stride=(3, 4), padding="same"),
+    "avgpool_exclude_pad": AvgPool2d("n", "x", kernel=3, stride=2, padding="same", count_include_pad=False),
+    "avgpool_include_pad": AvgPool2d("n", "x", kernel=(3, 2), stride=(2, 3), padding="same"),
+    "avgpool_include_pad_window_shorter_than_stride": AvgPool2d(
+        "n", "x", kernel=2, stride=(3, 4), padding="same"
+    ),
+    "pad2d": Pad2d("n", "x", padding=((1, 0), (2, 3))),
+}
+
+
+@pytest.mark.parametrize("name", list(SAME_LAYERS))
+def test_same_padding_matches_the_reference_at_every_size_from_one_model(name: str) -> None:
+    from onnx.reference import ReferenceEvaluator
+
+    graph = _single(SAME_LAYERS[name])
+    weights = random_weights(graph, 1)
+    model = ob.build(graph, "NCHW", weights)
+    onnx.checker.check_model(model, full_check=True)
+    session, evaluator = ob.inference_session(model), ReferenceEvaluator(model)
+    for size in ((7, 10), (8, 9), (9, 8), (12, 13)):
+        x = np.random.default_rng(size[0]).standard_normal((2, 3, *size)).astype(np.float32) - 2.0
+        expected = reference.run(graph, weights, x)
+        for got in (session.run(None, {"x": x})[0], evaluator.run(None, {"x": x})[0]):
+            assert got.shape == expected.shape
+            assert reference.relative_error(got, expected) <= TOLERANCE, size
+
+
+def test_same_padding_lowering() -> None:
+    """Size-independent SAME is explicit pads; Conv and the excluding average use SAME_UPPER; a
+    dilated Conv (onnxruntime has no dilated SAME_UPPER) and the other pools get a Pad computed
+    from the input's shape."""
+
+    def lowered(name: str) -> tuple[dict[str, str], dict[str, object]]:
+        model = ob.build(_single(SAME_LAYERS[name]))
+        return {node.name: node.op_type for node in model.graph.node}, attributes(model, "n")
+
+    ops, conv = lowered("conv_strided")
+    assert list(ops) == ["n"] and conv["auto_pad"] == b"SAME_UPPER" and "pads" not in conv
+    ops, conv = lowered("conv_even_kernel_stride_1")
+    assert list(ops) == ["n"] and conv["pads"] == [0, 1, 1, 2]
+    ops, conv = lowered("conv_dilated")
+    assert ops["n/same/size"] == "Shape" and ops["n/pad"] == "Pad" and conv["pads"] == [0, 0, 0, 0]
+    assert "n/same/total_or_0" not in ops
+    ops, pool = lowered("maxpool_window_shorter_than_stride")
+    assert ops["n/same/total_or_0"] == "Max" and ops["n/pad"] == "Pad" and pool["pads"] == [0, 0, 0, 0]
+    ops, pool = lowered("avgpool_exclude_pad")
+    assert list(ops) == ["n"] and pool["auto_pad"] == b"SAME_UPPER" and pool["count_include_pad"] == 0
+    ops, pool = lowered("avgpool_include_pad")
+    assert ops["n/pad"] == "Pad" and pool["pads"] == [0, 0, 0, 0] and pool["count_include_pad"] == 1
+    ops, _ = lowered("pad2d")
+    assert ops["n"] == "Pad"
+    assert ob.export_weights(ob.build(_single(SAME_LAYERS["pad2d"]))) == {}
+
+
+def test_same_average_excluding_pads_with_a_window_shorter_than_the_stride_is_refused() -> None:
+    graph = _single(AvgPool2d("n", "x", kernel=2, stride=(3, 4), padding="same", count_include_pad=False))
+    with pytest.raises(SpecError, match=r"n \(AvgPool2d\): onnx cannot lower padding='same'"):
+        ob.build(graph)
+
+
+def test_the_tf_edition_matches_the_reference() -> None:
+    graph = multires.spec("d2l_resnet18", edition="tf")
+    weights = random_weights(graph, 5)
+    model = ob.build(graph, "NCHW", weights)
+    assert attributes(model, "b1.1")["epsilon"] == pytest.approx(1e-3)
+    assert attributes(model, "b1.1")["momentum"] == pytest.approx(0.99)
+    for size in ((45, 45), (28, 31)):
+        x = np.random.default_rng(6).standard_normal((2, 1, *size)).astype(np.float32)
+        assert reference.relative_error(ort_run(model, x), reference.run(graph, weights, x)) <= 1e-4

@@ -4,7 +4,9 @@ The built module reads like a hand-written one (module tree, state_dict keys, pr
 generated forward); torchvision and d2l checkpoints map over by the documented rename table
 (checked against hand-written torchvision-style and d2l-book models); `torch.export`,
 `torch.compile` and `channels_last` work and agree; NHWC is exact; BatchNorm counters, lazy
-Dense widths, in-place ReLU, copies and pickles; errors.
+Dense widths, in-place ReLU, copies and pickles; errors. SAME padding: the `*Same` layers trace
+with `torch.fx` and the book's TF edition exports with a dynamic image size; static SAME is the
+layer's own padding; Pad2d and the biased running variance.
 """
 
 from __future__ import annotations
@@ -20,7 +22,18 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import multires  # noqa: E402
-from multires import BatchNorm, Conv2d, Dense, Flatten, Graph, Input, ReLU  # noqa: E402
+from multires import (  # noqa: E402
+    AvgPool2d,
+    BatchNorm,
+    Conv2d,
+    Dense,
+    Flatten,
+    Graph,
+    Input,
+    MaxPool2d,
+    Pad2d,
+    ReLU,
+)
 from multires.backend import SGD, get_backend  # noqa: E402
 from multires.errors import ShapeError, WeightsError  # noqa: E402
 
@@ -482,3 +495,133 @@ def test_strided_1x1_conv_gradients_are_exact_in_nhwc() -> None:
     scale = np.abs(expected["conv1x1.weight"]).max()
     for grad in grads:
         assert np.abs(grad - expected["conv1x1.weight"]).max() <= 1e-4 * scale
+
+
+# TensorFlow/XLA SAME padding, Pad2d and the biased running variance. ---------------------------
+
+
+def _single(node: multires.graph.Node, channels: int = 3) -> Graph:
+    return Graph(node.name, Input("x", channels), (node,), node.name)
+
+
+SAME_LAYERS = {
+    "conv_strided": Conv2d("n", "x", out_channels=2, kernel=3, stride=2, padding="same", bias=True),
+    "conv_dilated": Conv2d("n", "x", out_channels=2, kernel=3, stride=(2, 3), dilation=2, padding="same"),
+    "conv_window_shorter_than_stride": Conv2d(
+        "n", "x", out_channels=2, kernel=2, stride=(3, 4), padding="same"
+    ),
+    "maxpool": MaxPool2d("n", "x", kernel=3, stride=2, padding="same"),
+    "avgpool_exclude_pad": AvgPool2d("n", "x", kernel=3, stride=2, padding="same", count_include_pad=False),
+    "avgpool_include_pad": AvgPool2d("n", "x", kernel=(3, 2), stride=(2, 3), padding="same"),
+    "avgpool_window_shorter_than_stride": AvgPool2d(
+        "n", "x", kernel=2, stride=(3, 4), padding="same", count_include_pad=False
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SAME_LAYERS))
+def test_same_layers_trace_with_fx_and_match_the_reference_at_even_and_odd_sizes(name: str) -> None:
+    graph = _single(SAME_LAYERS[name])
+    weights = multires.random_weights(graph, seed=1)
+    layer = tb.load_weights(tb.build(graph), weights).n
+    assert type(layer).__name__.endswith("Same") and "padding=SAME" in repr(layer)
+    traced = torch.fx.symbolic_trace(layer)
+    for size in ((7, 10), (8, 9), (9, 8), (12, 13)):
+        x = _x((2, 3, *size), seed=size[0]) - 2.0  # negative: max-pool padding must not win
+        expected = multires.reference.run(graph, weights, x.numpy())
+        with torch.no_grad():
+            got = traced(x)
+            assert torch.equal(got, layer(x))
+        assert got.shape == expected.shape
+        assert multires.reference.relative_error(got.numpy(), expected) <= 1e-5, size
+
+
+def test_same_padding_that_no_size_changes_is_the_layers_own_or_an_explicit_f_pad() -> None:
+    odd = tb.build(_single(Conv2d("n", "x", out_channels=2, kernel=3, dilation=2, padding="same")))
+    assert type(odd.n) is nn.Conv2d and odd.n.padding == (2, 2) and "pad" not in odd.code
+    even = tb.build(_single(Conv2d("n", "x", out_channels=2, kernel=(2, 4), padding="same")))
+    assert type(even.n) is nn.Conv2d and even.n.padding == (0, 0)
+    assert "torch.nn.functional.pad(x_check, (1, 2, 0, 1), value = 0.0)" in even.code
+    pointwise = tb.build(_single(Conv2d("n", "x", out_channels=2, kernel=1, stride=2, padding="same")))
+    assert type(pointwise.n) is nn.Conv2d and pointwise.n.padding == (0, 0) and "pad(" not in pointwise.code
+    pool = tb.build(_single(MaxPool2d("n", "x", kernel=3, stride=1, padding="same")))
+    assert type(pool.n) is nn.MaxPool2d and pool.n.padding == (1, 1)
+
+
+def test_the_tf_edition_reads_like_a_hand_written_port_with_the_pytorch_editions_keys() -> None:
+    tf_edition = tb.build(multires.spec("d2l_resnet18", edition="tf"))
+    text = str(tf_edition)
+    assert "(0): Conv2dSame(1, 64, kernel_size=(7, 7), stride=(2, 2), padding=SAME)" in text
+    assert "(3): MaxPool2dSame(kernel_size=(3, 3), stride=(2, 2), padding=SAME)" in text
+    assert "(conv1): Conv2d(64, 64, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))" in text
+    assert "(conv1): Conv2dSame(64, 128, kernel_size=(3, 3), stride=(2, 2), padding=SAME)" in text
+    assert "(conv3): Conv2d(64, 128, kernel_size=(1, 1), stride=(2, 2))" in text
+    assert "(bn1): BiasedVarianceBatchNorm2d(64, eps=0.001, momentum=0.01," in text
+    assert isinstance(tf_edition.b1[0], nn.Conv2d) and isinstance(tf_edition.b1[1], nn.BatchNorm2d)
+    pytorch_edition = tb.build(multires.spec("d2l_resnet18"))
+    shapes = {k: tuple(v.shape) for k, v in tf_edition.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in pytorch_edition.state_dict().items()}
+
+
+def test_the_tf_edition_exports_with_a_dynamic_image_size() -> None:
+    graph = multires.spec("d2l_resnet18", edition="tf")
+    weights = multires.random_weights(graph, seed=2)
+    model = tb.load_weights(tb.build(graph), weights).eval()
+    # From 33 on, the last stage's map is 2x2 or larger (at 32 it is 1x1, which export specialises).
+    h, w = torch.export.Dim("h", min=33, max=512), torch.export.Dim("w", min=33, max=512)
+    exported = torch.export.export(model, (_x((1, 1, 45, 45)),), dynamic_shapes=({2: h, 3: w},)).module()
+    for size in ((45, 45), (48, 37)):
+        x = _x((1, 1, *size), seed=size[1])
+        with torch.no_grad():
+            got = exported(x).numpy()
+        assert (
+            multires.reference.relative_error(got, multires.reference.run(graph, weights, x.numpy())) <= 1e-4
+        )
+
+
+def test_a_same_layer_whose_window_is_shorter_than_its_stride_exports_with_a_dynamic_size() -> None:
+    graph = _single(SAME_LAYERS["conv_window_shorter_than_stride"])
+    weights = multires.random_weights(graph, seed=3)
+    model = tb.load_weights(tb.build(graph), weights)
+    # From 9 on the output is at least 3x3 (a size-1 output is specialised by export).
+    h, w = torch.export.Dim("h", min=9, max=64), torch.export.Dim("w", min=9, max=64)
+    exported = torch.export.export(model, (_x((1, 3, 9, 9)),), dynamic_shapes=({2: h, 3: w},)).module()
+    for size in ((9, 9), (10, 13), (11, 14)):
+        x = _x((1, 3, *size))
+        with torch.no_grad():
+            got = exported(x).numpy()
+        assert (
+            multires.reference.relative_error(got, multires.reference.run(graph, weights, x.numpy())) <= 1e-5
+        )
+
+
+def test_the_tf_edition_compiles_without_graph_breaks() -> None:
+    model = tb.build(multires.spec("d2l_resnet18", edition="tf")).eval()
+    x = _x((1, 1, 45, 47))
+    with torch.no_grad():
+        assert _rel(torch.compile(model, fullgraph=True, backend="eager")(x), model(x)) <= 1e-6
+
+
+def test_pad2d_is_zero_pad2d() -> None:
+    model = tb.build(_single(Pad2d("pad", "x", padding=((1, 0), (2, 3)))))
+    assert type(model.pad) is nn.ZeroPad2d and model.pad.padding == (2, 3, 1, 0)
+
+
+def test_biased_batchnorm_updates_the_running_variance_without_bessels_correction() -> None:
+    biased = tb.build(_single(BatchNorm("n", "x", momentum=0.3, running_variance="biased"))).n
+    unbiased = tb.build(_single(BatchNorm("n", "x", momentum=0.3))).n
+    assert type(unbiased) is nn.BatchNorm2d and isinstance(biased, nn.BatchNorm2d)
+    assert "running_variance=biased" in repr(biased)
+    assert list(biased.state_dict()) == list(unbiased.state_dict())
+    x = _x((2, 3, 2, 3)) * 3 + 1
+    with torch.no_grad():
+        assert torch.equal(biased.train()(x), unbiased.train()(x))
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(biased.running_mean, 0.3 * mean)
+    torch.testing.assert_close(biased.running_var, 0.7 + 0.3 * var)
+    torch.testing.assert_close(unbiased.running_var, 0.7 + 0.3 * var * 12 / 11)
+    assert int(biased.num_batches_tracked) == 1
+    with torch.no_grad():
+        assert torch.equal(biased.eval()(x), nn.functional.batch_norm(
+            x, biased.running_mean, biased.running_var, biased.weight, biased.bias, eps=biased.eps
+        ))  # fmt: skip

@@ -6,10 +6,12 @@ Canonical names nest: the node `layer1.0.conv1` is the module `conv1` inside the
 modules `layer1` and `0`, so its kernel is `params['layer1']['0']['conv1']['kernel']` and
 `multires.weights.to_variables` / `from_variables` map the two one-to-one.
 
-Computation is NHWC with explicit per-side padding; what the spec pins is matched exactly
-(max-pool pads are -inf, BatchNorm's running variance takes the unbiased batch variance, Flatten
-reads channel-major). Convolutions and matmuls run at `precision` ("highest" by default: full
-float32 on accelerators that would otherwise round to TF32/bfloat16; CPU is float32 anyway).
+Computation is NHWC. What the spec pins is matched exactly, natively where Flax has it: explicit
+per-side padding and SAME (`padding="SAME"` is XLA's, so TensorFlow's) are Flax's own, max-pool
+pads are -inf, a BatchNorm node with the biased running variance is `nn.BatchNorm` and one with
+the unbiased one (PyTorch's) `SpecBatchNorm`, Flatten reads channel-major. Convolutions and
+matmuls run at `precision` ("highest" by default: full float32 on accelerators that would
+otherwise round to TF32/bfloat16; CPU is float32 anyway).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 from multires.backend import LoweringTable
 from multires.errors import ShapeError, SpecError
 from multires.graph import (
+    SAME,
     Add,
     AvgPool2d,
     BatchNorm,
@@ -37,7 +40,9 @@ from multires.graph import (
     GlobalAvgPool,
     Graph,
     MaxPool2d,
+    Pad2d,
     ReLU,
+    WindowPadding,
 )
 from multires.shapes import check_input_shape, check_layout, infer_shapes
 
@@ -65,6 +70,11 @@ _KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 """torchvision's ResNet convolution init, as `multires.init_weights` uses."""
 
 
+def _padding(padding: WindowPadding) -> str | tuple[tuple[int, int], ...]:
+    """Flax's padding argument: per side as given, or "SAME", which is XLA's (and TensorFlow's)."""
+    return "SAME" if padding == SAME else padding
+
+
 @lowers(Conv2d)
 def conv2d(node: Conv2d, name: str, precision: Any) -> Layer:
     def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
@@ -74,7 +84,7 @@ def conv2d(node: Conv2d, name: str, precision: Any) -> Layer:
             node.out_channels,
             node.kernel,
             strides=node.stride,
-            padding=node.padding,
+            padding=_padding(node.padding),
             kernel_dilation=node.dilation,
             feature_group_count=node.groups,
             use_bias=node.bias,
@@ -132,14 +142,15 @@ batch_normalize.defvjp(_batch_normalize_forward, _batch_normalize_backward)
 
 
 class SpecBatchNorm(nn.Module):
-    """BatchNorm over the last axis exactly as the spec (and PyTorch) define it.
+    """BatchNorm over the last axis with PyTorch's unbiased running variance.
 
-    `flax.linen.BatchNorm` feeds the biased batch variance into the running variance; PyTorch and
-    the spec feed the unbiased one (normalisation uses the biased one in both). `momentum` is Flax's
-    convention, the weight of the old running value: `running = momentum * running + (1 - momentum)
-    * batch` (the spec's momentum m becomes 1 - m). Variables are named as flax.linen's: `scale`,
-    `bias` in params, `mean`, `var` in batch_stats. Running statistics update only when
-    `batch_stats` is mutable and the module is not initialising, as with `nn.BatchNorm`.
+    `flax.linen.BatchNorm` feeds the biased batch variance into the running variance (the spec's
+    `running_variance="biased"`); PyTorch feeds the unbiased one (normalisation uses the biased one
+    in both). `momentum` is Flax's convention, the weight of the old running value:
+    `running = momentum * running + (1 - momentum) * batch` (the spec's momentum m becomes 1 - m).
+    Variables are named as flax.linen's: `scale`, `bias` in params, `mean`, `var` in batch_stats.
+    Running statistics update only when `batch_stats` is mutable and the module is not
+    initialising, as with `nn.BatchNorm`.
     """
 
     momentum: float = 0.9
@@ -167,6 +178,10 @@ class SpecBatchNorm(nn.Module):
 
 @lowers(BatchNorm)
 def batchnorm(node: BatchNorm, name: str, precision: Any) -> Layer:
+    """Flax's momentum convention (1 - the spec's). The biased running variance is `nn.BatchNorm`
+    (its variance in two passes, as `SpecBatchNorm` and the reference take it, rather than its
+    default `E[x^2] - E[x]^2`, which cancels); the unbiased one is `SpecBatchNorm`."""
+
     def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
         (x,) = inputs
         if train and x.size // x.shape[-1] < 2:
@@ -174,6 +189,14 @@ def batchnorm(node: BatchNorm, name: str, precision: Any) -> Layer:
                 f"{node.name} (BatchNorm): training mode needs more than one value per channel; got "
                 f"a batch of shape {x.shape} (NHWC). Use a larger batch or evaluation mode."
             )
+        if node.running_variance == "biased":
+            return nn.BatchNorm(
+                use_running_average=not train,
+                momentum=1 - node.momentum,
+                epsilon=node.eps,
+                use_fast_variance=False,
+                name=name,
+            )(x)
         return SpecBatchNorm(momentum=1 - node.momentum, epsilon=node.eps, name=name)(x, train)
 
     return layer
@@ -191,17 +214,25 @@ def add(node: Add, name: str, precision: Any) -> Layer:
 
 @lowers(MaxPool2d)
 def maxpool2d(node: MaxPool2d, name: str, precision: Any) -> Layer:
-    return lambda inputs, train: nn.max_pool(inputs[0], node.kernel, node.stride, node.padding)
+    """`nn.max_pool` pads with -inf, explicit or SAME."""
+    return lambda inputs, train: nn.max_pool(inputs[0], node.kernel, node.stride, _padding(node.padding))
 
 
 @lowers(AvgPool2d)
 def avgpool2d(node: AvgPool2d, name: str, precision: Any) -> Layer:
+    """`nn.avg_pool`, whose `count_include_pad=False` divides by a pooled map of ones (explicit or SAME)."""
+
     def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
-        return nn.avg_pool(
-            inputs[0], node.kernel, node.stride, node.padding, count_include_pad=node.count_include_pad
-        )
+        padding, include = _padding(node.padding), node.count_include_pad
+        return nn.avg_pool(inputs[0], node.kernel, node.stride, padding, count_include_pad=include)
 
     return layer
+
+
+@lowers(Pad2d)
+def pad2d(node: Pad2d, name: str, precision: Any) -> Layer:
+    """Zeros on the spatial axes of NHWC."""
+    return lambda inputs, train: jnp.pad(inputs[0], ((0, 0), *node.padding, (0, 0)))
 
 
 @lowers(GlobalAvgPool)

@@ -1,5 +1,9 @@
 """Keras layers for the spec semantics that stock Keras layers do not have.
 
+Stock layers do the rest: `Conv2D`, `MaxPooling2D` and `AveragePooling2D` with `padding="same"`
+are TensorFlow's SAME (pads that never win the max, average pooling without the pads in the
+divisor), `ZeroPadding2D` is `Pad2d`, `BatchNormalization` is the biased running variance.
+
 Each is registered with `keras.saving.register_keras_serializable(package="multires")`, so a
 saved model loads with plain `keras.models.load_model` once this backend is imported.
 """
@@ -13,13 +17,14 @@ import keras
 from keras import ops
 
 from multires.errors import WeightsError
+from multires.graph import same_padding
 
 PACKAGE = "multires"
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _all_dims(padding: Padding, data_format: str) -> tuple[tuple[int, int], ...]:
+def _all_dims(padding: tuple[tuple[Any, Any], ...], data_format: str) -> tuple[tuple[Any, Any], ...]:
     if data_format == "channels_first":
         return ((0, 0), (0, 0), *padding)
     return ((0, 0), *padding, (0, 0))
@@ -34,9 +39,10 @@ def _padding(value: Any) -> Padding:
 class BatchNorm(keras.layers.BatchNormalization):
     """`BatchNormalization` whose running variance takes the unbiased batch variance.
 
-    The spec (like PyTorch) normalises with the biased batch variance but folds the unbiased one,
-    `var * n / (n - 1)`, into `moving_variance`; stock Keras folds the biased one, which drifts
-    the running statistics by a factor (n - 1) / n per update. `momentum` keeps Keras' meaning
+    A BatchNorm node with `running_variance="unbiased"` (PyTorch's convention) normalises with the
+    biased batch variance but folds the unbiased one, `var * n / (n - 1)`, into `moving_variance`;
+    stock Keras folds the biased one (the lowering of "biased" nodes), which would drift the
+    running statistics by a factor (n - 1) / n per update. `momentum` keeps Keras' meaning
     (weight of the old value, 1 - the spec's momentum). Masks and batch renormalisation are
     not supported.
     """
@@ -99,6 +105,67 @@ class ConstantPadding2D(keras.layers.Layer):
             **super().get_config(),
             "padding": self.padding,
             "value": self.value,
+            "data_format": self.data_format,
+        }
+
+
+def _same_pads(size: Any, kernel: int, stride: int, dilation: int) -> tuple[Any, Any]:
+    """`multires.graph.same_padding` of an axis whose size is an int or (unknown until the model
+    runs) a scalar tensor."""
+    if isinstance(size, int):
+        return same_padding(size, kernel, stride, dilation)
+    total = ops.maximum((kernel - 1) * dilation - (size - 1) % stride, 0)
+    return total // 2, total - total // 2
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class SamePadding2D(keras.layers.Layer):
+    """Zero-pad the spatial axes as TensorFlow/XLA SAME pads for a window of `kernel`, `strides`
+    and `dilation`: per side, computed from each input's size, so one model serves every size.
+
+    For the SAME windows Keras' own `padding="same"` cannot run: a strided dilated convolution
+    (run at stride 1 and subsampled, but padded for its real stride) and average pooling that
+    counts the pads in the divisor.
+    """
+
+    def __init__(
+        self,
+        kernel: tuple[int, int],
+        strides: tuple[int, int],
+        dilation: tuple[int, int] = (1, 1),
+        data_format: str = "channels_last",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.kernel = tuple(int(k) for k in kernel)
+        self.strides = tuple(int(s) for s in strides)
+        self.dilation = tuple(int(d) for d in dilation)
+        self.data_format = data_format
+
+    def _pads(self, shape: tuple[Any, ...]) -> tuple[tuple[Any, Any], ...]:
+        first = 2 if self.data_format == "channels_first" else 1
+        sizes = (shape[first], shape[first + 1])
+        return tuple(
+            _same_pads(*axis) for axis in zip(sizes, self.kernel, self.strides, self.dilation, strict=True)
+        )
+
+    def call(self, inputs: Any) -> Any:
+        return ops.pad(inputs, _all_dims(self._pads(ops.shape(inputs)), self.data_format))
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        shape = list(input_shape)
+        first = 2 if self.data_format == "channels_first" else 1
+        for axis, k, s, d in zip((first, first + 1), self.kernel, self.strides, self.dilation, strict=True):
+            if shape[axis] is not None:
+                shape[axis] += sum(same_padding(shape[axis], k, s, d))
+        return tuple(shape)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "kernel": self.kernel,
+            "strides": self.strides,
+            "dilation": self.dilation,
             "data_format": self.data_format,
         }
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from multires.backend import LoweringTable
 from multires.graph import (
+    SAME,
     Add,
     AvgPool2d,
     Conv2d,
@@ -30,13 +31,22 @@ from multires.graph import (
     Graph,
     MaxPool2d,
     Node,
+    Pad2d,
     Padding,
+    Pair,
     ReLU,
 )
 from multires.graph import BatchNorm as BatchNormNode
 from multires.shapes import check_layout, infer_shapes
 
-from .layers import AveragePooling2DExcludePad, BatchNorm, ConstantPadding2D, DeferredDense, Subsample2D
+from .layers import (
+    AveragePooling2DExcludePad,
+    BatchNorm,
+    ConstantPadding2D,
+    DeferredDense,
+    SamePadding2D,
+    Subsample2D,
+)
 
 
 @dataclass(frozen=True)
@@ -70,16 +80,29 @@ def _zero_pad(x: Any, node: Node, padding: Padding, ctx: LoweringContext) -> Any
     return keras.layers.ZeroPadding2D(padding, data_format=ctx.data_format, name=f"{node.name}.pad")(x)
 
 
+def _same_pad(x: Any, node: Conv2d | AvgPool2d, ctx: LoweringContext, dilation: Pair = (1, 1)) -> Any:
+    """Explicit zero padding as TF's SAME pads the node's window, for what `padding="same"` can't run."""
+    return SamePadding2D(
+        node.kernel, node.stride, dilation, data_format=ctx.data_format, name=f"{node.name}.pad"
+    )(x)
+
+
 @lowers(Conv2d)
 def conv2d(node: Conv2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
-    """Explicit zero padding, then a "valid" `Conv2D` (never "same": it pads stride 2 unevenly)."""
-    x = _zero_pad(inputs[0], node, node.padding, ctx)
+    """`Conv2D`: SAME is Keras' own "same" (TensorFlow's SAME); explicit per-side padding is a
+    `ZeroPadding2D` before a "valid" convolution. TensorFlow refuses stride with dilation, so
+    such a convolution runs at stride 1 and is subsampled, SAME padded for its real stride."""
     both = max(node.stride) > 1 and max(node.dilation) > 1
+    x = inputs[0]
+    if node.padding != SAME:
+        x = _zero_pad(x, node, node.padding, ctx)
+    elif both:
+        x = _same_pad(x, node, ctx, node.dilation)
     x = keras.layers.Conv2D(
         node.out_channels,
         node.kernel,
         strides=(1, 1) if both else node.stride,
-        padding="valid",
+        padding="same" if node.padding == SAME and not both else "valid",
         data_format=ctx.data_format,
         dilation_rate=node.dilation,
         groups=node.groups,
@@ -93,8 +116,11 @@ def conv2d(node: Conv2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
 
 @lowers(BatchNormNode)
 def batchnorm(node: BatchNormNode, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
-    """`BatchNorm` with Keras' momentum convention (1 - the spec's) and the exact epsilon."""
-    return BatchNorm(
+    """Keras' momentum convention (1 - the spec's) and the exact epsilon. A biased running
+    variance is stock `BatchNormalization`; the unbiased one (PyTorch's) is this backend's
+    `BatchNorm`."""
+    layer = keras.layers.BatchNormalization if node.running_variance == "biased" else BatchNorm
+    return layer(
         axis=1 if ctx.layout == "NCHW" else -1,
         momentum=1.0 - node.momentum,
         epsilon=node.eps,
@@ -114,29 +140,45 @@ def add(node: Add, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
 
 @lowers(MaxPool2d)
 def maxpool2d(node: MaxPool2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
-    """Padding with -inf (Keras pads with zeros, which wins the max over negative inputs)."""
+    """SAME is Keras' own "same" (TensorFlow's SAME max pool leaves the pads out); explicit
+    padding is -inf (a `ZeroPadding2D` would win the max over negative inputs)."""
     x = inputs[0]
-    if any(any(side) for side in node.padding):
+    if node.padding != SAME and any(any(side) for side in node.padding):
         x = ConstantPadding2D(
             node.padding, float("-inf"), data_format=ctx.data_format, name=f"{node.name}.pad"
         )(x)
+    padding = "same" if node.padding == SAME else "valid"
     return keras.layers.MaxPooling2D(
-        node.kernel, node.stride, padding="valid", data_format=ctx.data_format, name=node.name
+        node.kernel, node.stride, padding=padding, data_format=ctx.data_format, name=node.name
     )(x)
 
 
 @lowers(AvgPool2d)
 def avgpool2d(node: AvgPool2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
-    """Zero padding counted in the divisor, or (count_include_pad=False) a divisor of real inputs."""
-    padded = any(any(side) for side in node.padding)
-    if padded and not node.count_include_pad:
+    """SAME without the pads in the divisor is Keras' own "same"; SAME counting them pads
+    explicitly. Explicit padding is zeros counted in the divisor, or (count_include_pad=False)
+    a divisor of real inputs."""
+    if node.padding == SAME and not node.count_include_pad:
+        return keras.layers.AveragePooling2D(
+            node.kernel, node.stride, padding="same", data_format=ctx.data_format, name=node.name
+        )(inputs[0])
+    if node.padding == SAME:
+        x = _same_pad(inputs[0], node, ctx)
+    elif any(any(side) for side in node.padding) and not node.count_include_pad:
         return AveragePooling2DExcludePad(
             node.kernel, node.stride, node.padding, data_format=ctx.data_format, name=node.name
         )(inputs[0])
-    x = _zero_pad(inputs[0], node, node.padding, ctx)
+    else:
+        x = _zero_pad(inputs[0], node, node.padding, ctx)
     return keras.layers.AveragePooling2D(
         node.kernel, node.stride, padding="valid", data_format=ctx.data_format, name=node.name
     )(x)
+
+
+@lowers(Pad2d)
+def pad2d(node: Pad2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
+    """`ZeroPadding2D`, per side."""
+    return keras.layers.ZeroPadding2D(node.padding, data_format=ctx.data_format, name=node.name)(inputs[0])
 
 
 @lowers(GlobalAvgPool)

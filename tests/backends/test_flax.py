@@ -2,7 +2,8 @@
 
 Numerical equivalence on the zoo is the conformance suite's job (`pytest tests/conformance
 --backend flax`); here a small graph exercising every node type, with nested and interleaved
-namespaces, is checked against the NumPy reference.
+namespaces, is checked against the NumPy reference, a graph of SAME windows at even and odd
+sizes too, and the book's JAX stem against the same stem written with flax.linen's own modules.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ jax = pytest.importorskip("jax")
 pytest.importorskip("flax")
 pytest.importorskip("optax")
 
+import flax.linen as nn  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import multires  # noqa: E402
@@ -30,6 +32,7 @@ from multires.graph import (  # noqa: E402
     Graph,
     Input,
     MaxPool2d,
+    Pad2d,
     ReLU,
 )
 from multires.weights import from_variables, init_weights, random_weights, to_variables  # noqa: E402
@@ -152,16 +155,95 @@ def test_eval_and_train_match_reference(weights: dict[str, np.ndarray], x: np.nd
         )
 
 
-def test_running_variance_takes_the_unbiased_batch_variance() -> None:
-    graph = Graph("bn", Input("x", 2), [BatchNorm("bn", "x", momentum=0.3)], ("bn",))
+@pytest.mark.parametrize(("convention", "ddof"), [("unbiased", 1), ("biased", 0)])
+def test_running_variance_conventions(convention: str, ddof: int) -> None:
+    graph = Graph(
+        "bn", Input("x", 2), [BatchNorm("bn", "x", momentum=0.3, running_variance=convention)], ("bn",)
+    )
     x = np.random.default_rng(1).normal(2.0, 3.0, size=(2, 3, 3, 2)).astype(np.float32)
     model = flax_backend.build(graph)
     variables = model.init(jax.random.key(0), x)
     _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
     stats = updates["batch_stats"]["bn"]
     np.testing.assert_allclose(stats["mean"], 0.3 * x.mean(axis=(0, 1, 2)), rtol=1e-6)
-    np.testing.assert_allclose(stats["var"], 0.7 + 0.3 * x.var(axis=(0, 1, 2), ddof=1), rtol=1e-6)
+    np.testing.assert_allclose(stats["var"], 0.7 + 0.3 * x.var(axis=(0, 1, 2), ddof=ddof), rtol=1e-6)
     assert np.all(variables["batch_stats"]["bn"]["var"] == 1), "init must not update the statistics"
+
+
+def same_graph() -> Graph:
+    """SAME windows (stride 2, even kernel, strided and dilated, max pooling over negative input,
+    average pooling with and without the pads in the divisor), zero padding before a max pool, the
+    biased running variance; a global-pool head, so any image size fits."""
+    nodes = [
+        Pad2d("pad", "x", padding=((1, 0), (0, 1))),
+        MaxPool2d("zero_pool", "pad", kernel=3, stride=2),
+        Conv2d("stem.conv", "zero_pool", out_channels=8, kernel=(4, 3), stride=2, padding="same", bias=True),
+        BatchNorm("stem.bn", "stem.conv", eps=1e-3, momentum=0.01, running_variance="biased"),
+        MaxPool2d("stem.pool", "stem.bn", kernel=3, stride=2, padding="same"),
+        Conv2d("block.conv", "stem.bn", out_channels=8, kernel=3, stride=2, dilation=2, padding="same"),
+        AvgPool2d("block.avg", "stem.bn", kernel=3, stride=2, padding="same", count_include_pad=False),
+        AvgPool2d("block.avg_pad", "stem.bn", kernel=(2, 3), stride=2, padding="same"),
+        Add("block.sum", ("stem.pool", "block.conv", "block.avg", "block.avg_pad")),
+        GlobalAvgPool("gap", "block.sum"),
+        Flatten("flatten", "gap"),
+        Dense("fc", "flatten", out_features=3),
+    ]
+    return Graph("same", Input("x", 3), nodes, ("fc",))
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_same_pads_follow_each_input_size(layout: str) -> None:
+    graph = same_graph()
+    weights = random_weights(graph, seed=4)
+    model = multires.build(graph, backend="flax", layout=layout)
+    variables = flax_backend.load_variables(model, weights)
+    apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
+    rng = np.random.default_rng(4)
+    for size in [(16, 16), (17, 13), (18, 21)]:
+        x = rng.normal(-1.0, 1.0, size=(2, 3, *size)).astype(np.float32)
+        inputs = nhwc(x) if layout == "NHWC" else x
+        assert reference.relative_error(apply(variables, inputs), reference.run(graph, weights, x)) < 1e-5
+        expected = reference.forward(graph, weights, x, training=True)
+        logits, updates = apply(variables, inputs, train=True, mutable=("batch_stats",))
+        assert reference.relative_error(logits, expected.outputs["fc"]) < 1e-5
+        stats = from_variables(updates)
+        for name, value in expected.running.items():
+            assert reference.relative_error(stats[name], value) < 1e-5, (size, name)
+
+
+def test_the_books_jax_stem_is_flax_linen() -> None:
+    """The book's JAX stem written with flax.linen's own modules (SAME convolution and max pool,
+    `nn.BatchNorm` with its defaults) takes the lowered stem's variables as they are and computes
+    the same, in training mode running statistics included, at an odd size."""
+
+    class BookStem(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+            x = nn.Conv(8, kernel_size=(7, 7), strides=(2, 2), padding="same", name="conv")(x)
+            x = nn.relu(nn.BatchNorm(not train, name="bn")(x))
+            return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="same")
+
+    graph = Graph(
+        "stem",
+        Input("x", 1),
+        [
+            Conv2d("conv", "x", out_channels=8, kernel=7, stride=2, padding="same", bias=True),
+            BatchNorm("bn", "conv", momentum=0.01, running_variance="biased"),
+            ReLU("relu", "bn"),
+            MaxPool2d("pool", "relu", kernel=3, stride=2, padding="same"),
+        ],
+        ("pool",),
+    )
+    x = np.random.default_rng(8).normal(size=(4, 45, 45, 1)).astype(np.float32)
+    model = flax_backend.build(graph)
+    variables = flax_backend.load_variables(model, random_weights(graph, seed=8))
+    book = BookStem()
+    assert jax.tree.structure(book.init(jax.random.key(0), x)) == jax.tree.structure(variables)
+    np.testing.assert_allclose(book.apply(variables, x), model.apply(variables, x), rtol=1e-5, atol=1e-6)
+    ours, ours_stats = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    theirs, their_stats = book.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours_stats, their_stats)
 
 
 def test_train_without_mutable_batch_stats_fails(

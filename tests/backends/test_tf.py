@@ -1,11 +1,14 @@
 """TensorFlow/Keras backend: what the conformance suite does not cover.
 
-The lowering of every node against the reference on a graph that hits each porting trap
-(asymmetric and stride-2 padding, max pooling over negative input, average pooling without the
-padding in the divisor, stride with dilation, grouped convolution, the unbiased running
-variance, Flatten of a spatial map); the model inside `tf.function` and XLA, trained by
-`model.fit`, saved and loaded; the NCHW lowering (run under XLA, as TensorFlow's CPU kernels are
-NHWC only); layer names; errors.
+The lowering of every node against the reference on two graphs that hit each porting trap: one
+with explicit padding (asymmetric and stride-2 padding, max pooling over negative input, average
+pooling without the padding in the divisor, stride with dilation, grouped convolution, the
+unbiased running variance, Flatten of a spatial map), one with the TF edition's settings (SAME
+windows, a strided dilated SAME convolution, zero padding before a max pool over negative input,
+the biased running variance); the models inside `tf.function` and XLA, trained by `model.fit`,
+saved and loaded; the NCHW lowering (run under XLA, as TensorFlow's CPU kernels are NHWC only);
+SAME pads following each input's size; the book's TF stem as stock Keras layers; layer names;
+errors.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from multires.graph import (  # noqa: E402
     Graph,
     Input,
     MaxPool2d,
+    Pad2d,
     ReLU,
 )
 
@@ -60,6 +64,28 @@ def traps() -> Graph:
     return Graph("traps", (Input("x", 3),), nodes, ("fc",))
 
 
+def same_traps() -> Graph:
+    """The TF edition's settings: zero padding before a max pool over negative input, a stride-2
+    SAME convolution and the biased running variance, then SAME windows in parallel (max and
+    average pooling with and without the pads in the divisor, a strided dilated convolution)."""
+    nodes = [
+        Pad2d("pad", "x", padding=((1, 0), (0, 1))),
+        MaxPool2d("zero_pool", "pad", kernel=3, stride=2),
+        Conv2d("stem.conv", "zero_pool", out_channels=8, kernel=7, stride=2, padding="same", bias=True),
+        BatchNorm("stem.bn", "stem.conv", eps=1e-3, momentum=0.3, running_variance="biased"),
+        MaxPool2d("stem.pool", "stem.bn", kernel=3, stride=2, padding="same"),
+        Conv2d("block.conv", "stem.bn", out_channels=8, kernel=3, stride=2, dilation=2, padding="same"),
+        BatchNorm("block.bn", "block.conv", momentum=0.2),
+        AvgPool2d("block.avg", "stem.bn", kernel=3, stride=2, padding="same", count_include_pad=False),
+        AvgPool2d("block.avg_pad", "stem.bn", kernel=(2, 3), stride=2, padding="same"),
+        Add("block.sum", ("stem.pool", "block.bn", "block.avg", "block.avg_pad")),
+        GlobalAvgPool("pool", "block.sum"),
+        Flatten("flat", "pool"),
+        Dense("fc", "flat", out_features=5),
+    ]
+    return Graph("same_traps", (Input("x", 3),), nodes, ("fc",))
+
+
 def tiny(classes: int = 4) -> Graph:
     """A small residual network with a global-pool head."""
     nodes = [
@@ -81,10 +107,10 @@ def nhwc(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
-@pytest.fixture(scope="module")
-def case() -> tuple[Graph, dict[str, np.ndarray], np.ndarray]:
-    graph = traps()
-    # Shifted negative so that zero padding would win the stem's max pooling.
+@pytest.fixture(scope="module", params=[traps, same_traps], ids=["traps", "same_traps"])
+def case(request) -> tuple[Graph, dict[str, np.ndarray], np.ndarray]:
+    graph = request.param()
+    # Shifted negative so that zero padding would win the first max pooling.
     x = np.random.default_rng(0).normal(-1.0, 1.0, size=(4, 3, 17, 15)).astype(np.float32)
     return graph, multires.random_weights(graph, seed=3, input_shape=x.shape), x
 
@@ -126,13 +152,79 @@ def test_max_pool_padding_never_wins() -> None:
     assert np.array_equal(out, nhwc(reference.run(graph, {}, x).astype(np.float32)))
 
 
-def test_running_variance_is_unbiased() -> None:
-    graph = Graph("bn", (Input("x", 3),), (BatchNorm("bn", "x", momentum=1.0),), ("bn",))
+@pytest.mark.parametrize(
+    ("convention", "ddof", "layer"),
+    [("unbiased", 1, tfb.layers.BatchNorm), ("biased", 0, keras.layers.BatchNormalization)],
+)
+def test_running_variance_conventions(convention: str, ddof: int, layer: type) -> None:
+    bn = BatchNorm("bn", "x", momentum=1.0, running_variance=convention)
+    graph = Graph("bn", (Input("x", 3),), (bn,), ("bn",))
     x = np.random.default_rng(2).normal(size=(2, 3, 2, 2)).astype(np.float32)
     model = tfb.build(graph, "NHWC")
+    assert type(model.get_layer("bn")) is layer
     model(nhwc(x), training=True)
     var = tfb.export_weights(model)["bn.running_var"]
-    np.testing.assert_allclose(var, x.var(axis=(0, 2, 3), ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(var, x.var(axis=(0, 2, 3), ddof=ddof), rtol=1e-5)
+
+
+def test_same_pads_follow_each_input_size() -> None:
+    """One model, built for any image size, pads each size as TensorFlow's SAME does (even and
+    odd sizes differ at stride 2), also under XLA."""
+    graph = same_traps()
+    weights = multires.random_weights(graph, seed=4)
+    model = tfb.load_weights(tfb.build(graph, "NHWC", weights), weights)
+    xla = tf.function(lambda t: model(t, training=False), jit_compile=True)
+    rng = np.random.default_rng(4)
+    for size in [(16, 16), (17, 13), (18, 21), (23, 20)]:
+        x = rng.normal(-1.0, 1.0, size=(2, 3, *size)).astype(np.float32)
+        expected = reference.run(graph, weights, x)
+        assert reference.relative_error(model(nhwc(x), training=False).numpy(), expected) <= TOLERANCE, size
+        assert reference.relative_error(xla(nhwc(x)).numpy(), expected) <= TOLERANCE, size
+
+
+def test_the_books_tf_stem_is_stock_keras() -> None:
+    """The book's TF edition is the function of its own Keras code: the lowered stem is the same
+    stock layers (no helper layers), so hand-written Keras takes its weights as they are and
+    agrees in eval and training mode, running statistics included, at an odd size."""
+    graph = Graph(
+        "stem",
+        (Input("x", 1),),
+        (
+            Conv2d("conv", "x", out_channels=8, kernel=7, stride=2, padding="same", bias=True),
+            BatchNorm("bn", "conv", eps=1e-3, momentum=0.01, running_variance="biased"),
+            ReLU("relu", "bn"),
+            MaxPool2d("pool", "relu", kernel=3, stride=2, padding="same"),
+        ),
+        ("pool",),
+    )
+    weights = multires.random_weights(graph, seed=8)
+    lowered = tfb.load_weights(tfb.build(graph, "NHWC"), weights)
+    book = keras.Sequential(
+        [
+            keras.Input((None, None, 1)),
+            keras.layers.Conv2D(8, kernel_size=7, strides=2, padding="same"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Activation("relu"),
+            keras.layers.MaxPool2D(pool_size=3, strides=2, padding="same"),
+        ]
+    )
+    stock = [
+        keras.layers.Conv2D,
+        keras.layers.BatchNormalization,
+        keras.layers.ReLU,
+        keras.layers.MaxPooling2D,
+    ]
+    assert [type(layer) for layer in lowered.layers[1:]] == stock
+    book.set_weights(lowered.get_weights())
+    x = nhwc(np.random.default_rng(8).normal(size=(4, 1, 45, 45)).astype(np.float32))
+    for training in (False, True):
+        np.testing.assert_allclose(
+            lowered(x, training=training), book(x, training=training), rtol=1e-5, atol=1e-6
+        )
+    for a, b in zip(lowered.get_weights(), book.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    edition = multires.build(multires.spec("d2l_resnet18", edition="tf"), backend="tf")
+    assert all(type(layer).__module__.startswith("keras.") for layer in edition.layers)
 
 
 def test_tf_function_and_xla_give_the_same_outputs(case) -> None:
@@ -196,7 +288,7 @@ def test_save_and_load_round_trip(case, tmp_path) -> None:
     exported = multires.weights.export(loaded)
     assert exported.keys() == weights.keys()
     assert all(np.array_equal(exported[k], weights[k]) for k in weights)
-    # Training mode still folds the unbiased variance after a reload.
+    # Training mode still folds the running variance by its convention after a reload.
     np.testing.assert_allclose(
         loaded(nhwc(x), training=True).numpy(), model(nhwc(x), training=True).numpy(), rtol=1e-6, atol=1e-6
     )

@@ -240,7 +240,9 @@ NODES = [
             3,
             [
                 Conv2d("even", "x", out_channels=4, kernel=(2, 4), padding="same"),
-                Conv2d("dilated", "even", out_channels=4, kernel=3, stride=(2, 3), dilation=2, padding="same"),
+                Conv2d(
+                    "dilated", "even", out_channels=4, kernel=3, stride=(2, 3), dilation=2, padding="same"
+                ),
             ],
         ),
         (4, 3, 9, 8),

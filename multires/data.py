@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import tempfile
 import urllib.error
@@ -68,7 +69,7 @@ CLASSES = (
 )
 """The ten class names, indexed by label."""
 
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype("u1"),
     0x09: np.dtype("i1"),
     0x0B: np.dtype(">i2"),
@@ -85,7 +86,7 @@ class Dataset(NamedTuple):
     labels: np.ndarray
     classes: tuple[str, ...]
 
-    def __len__(self) -> int:  # type: ignore[override]
+    def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def head(self, n: int | None) -> Dataset:
@@ -136,8 +137,9 @@ def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{source}: truncated IDX header ({len(data)} bytes for {ndim} dimensions).")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(data) != expected:
+    expected = header + math.prod(shape) * dtype.itemsize
+    # Zero-size arrays too: NumPy refuses shapes whose nonzero sizes multiply past its index range.
+    if len(data) != expected or math.prod(d for d in shape if d) > np.iinfo(np.intp).max // dtype.itemsize:
         raise DataError(
             f"{source}: IDX header promises shape {shape} ({expected} bytes) but the file holds "
             f"{len(data)} bytes: it is truncated or corrupt. Replace it with the official file."

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -55,7 +57,7 @@ def resolve_padding(
     """Per-side padding for an input of spatial `size` `(h, w)`: explicit padding as it is, SAME
     computed by `same_padding` per axis."""
     if padding != SAME:
-        return padding  # type: ignore[return-value]
+        return padding
     rows, cols = (same_padding(*axis) for axis in zip(size, kernel, stride, dilation, strict=True))
     return (rows, cols)
 
@@ -68,7 +70,7 @@ def static_padding(node: Conv2d | MaxPool2d | AvgPool2d) -> Padding | None:
     a wider window depends on the input size, and a backend computes it when it sees the input.
     """
     if node.padding != SAME:
-        return node.padding  # type: ignore[return-value]
+        return node.padding
     dilation = node.dilation if isinstance(node, Conv2d) else (1, 1)
     axes = list(zip(node.kernel, node.stride, dilation, strict=True))
     if any(s > 1 and k > 1 for k, s, _ in axes):
@@ -91,12 +93,18 @@ def _where(node: Node) -> str:
     return f"{node.name} ({type(node).__name__})"
 
 
+MAX_INT = 2**31 - 1
+"""The largest size, stride or padding a spec holds (frameworks index with 32-bit ints)."""
+
+
 def _ints(value: Any, node: Node, what: str) -> tuple[int, ...]:
     items = value if isinstance(value, (tuple, list)) else (value,)
     out = []
     for item in items:
         if isinstance(item, bool) or not isinstance(item, int):
-            raise SpecError(f"{_where(node)}: {what} must be integers; got {value!r}.")
+            raise SpecError(f"{_where(node)}: {what} must be integers; got {str(value)[:100]}.")
+        if abs(item) > MAX_INT:
+            raise SpecError(f"{_where(node)}: {what} must lie within +-{MAX_INT}; got {str(value)[:100]}.")
         out.append(int(item))
     return tuple(out)
 
@@ -164,8 +172,14 @@ class Input:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _SEGMENT.match(self.name):
             raise SpecError(f"input {self.name!r}: a name is letters, digits and '_'.")
-        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
-            raise SpecError(f"input {self.name}: channels must be a positive int; got {self.channels!r}.")
+        if (
+            isinstance(self.channels, bool)
+            or not isinstance(self.channels, int)
+            or not 1 <= self.channels <= MAX_INT
+        ):
+            raise SpecError(
+                f"input {self.name}: channels must be a positive int up to {MAX_INT}; got {str(self.channels)[:100]}."
+            )
 
 
 @dataclass(frozen=True)
@@ -189,7 +203,10 @@ class Node:
                 f"{self.name!r} ({type(self).__name__}): a node name is dot-separated segments of "
                 "letters, digits and '_', like 'layer1.0.conv1'."
             )
-        inputs = (self.inputs,) if isinstance(self.inputs, str) else tuple(self.inputs)
+        inputs = (self.inputs,) if isinstance(self.inputs, str) else self.inputs
+        if not isinstance(inputs, (tuple, list)) or not all(isinstance(i, str) for i in inputs):
+            raise SpecError(f"{_where(self)}: inputs must be a name or a list of names; got {inputs!r}.")
+        inputs = tuple(inputs)
         object.__setattr__(self, "inputs", inputs)
         if self.arity is None and len(inputs) < 2:
             raise SpecError(f"{_where(self)}: needs two or more inputs; got {list(inputs)}.")
@@ -266,8 +283,11 @@ class BatchNorm(Node):
     op: ClassVar[str] = "batchnorm"
 
     def _normalise(self) -> None:
-        object.__setattr__(self, "eps", float(self.eps))
-        object.__setattr__(self, "momentum", float(self.momentum))
+        for what in ("eps", "momentum"):
+            value = getattr(self, what)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise SpecError(f"{_where(self)}: {what} must be a finite number; got {value!r}.")
+            object.__setattr__(self, what, float(value))
         if self.running_variance not in VARIANCE_CONVENTIONS:
             raise SpecError(
                 f"{_where(self)}: running_variance must be one of {VARIANCE_CONVENTIONS} (PyTorch's "
@@ -302,7 +322,7 @@ class MaxPool2d(Node):
     """Max pooling; padded positions are -inf, so padding never wins the max (also with "same")."""
 
     kernel: Pair = (1, 1)
-    stride: Pair | None = None
+    stride: Pair = None  # type: ignore[assignment]  # None means the kernel; always a Pair once built
     padding: WindowPadding = ((0, 0), (0, 0))
 
     op: ClassVar[str] = "maxpool2d"
@@ -319,7 +339,7 @@ class AvgPool2d(Node):
     """
 
     kernel: Pair = (1, 1)
-    stride: Pair | None = None
+    stride: Pair = None  # type: ignore[assignment]  # None means the kernel; always a Pair once built
     padding: WindowPadding = ((0, 0), (0, 0))
     count_include_pad: bool = True
 
@@ -397,9 +417,13 @@ NODE_TYPES: dict[str, type[Node]] = {
 
 def node_from_dict(data: Mapping[str, Any]) -> Node:
     """Rebuild a node from `Node.to_dict` output."""
+    if not isinstance(data, Mapping) or "name" not in data or "inputs" not in data:
+        raise SpecError(
+            f"a node must be a JSON object with 'op', 'name', 'inputs' and its fields; got {str(data)[:100]}."
+        )
     data = dict(data)
     op = data.pop("op", None)
-    if op not in NODE_TYPES:
+    if not isinstance(op, str) or op not in NODE_TYPES:
         raise SpecError(f"{data.get('name', '?')!r}: unknown op {op!r}; known: {sorted(NODE_TYPES)}.")
     cls = NODE_TYPES[op]
     known = {f.name for f in dataclasses.fields(cls)}
@@ -471,12 +495,37 @@ class Graph:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Graph:
-        """Rebuild a graph from `to_dict` output, checking the schema version."""
-        if data.get("schema") != SCHEMA or data.get("version") != SCHEMA_VERSION:
-            raise SpecError(
-                f"not a multires graph of schema {SCHEMA} version {SCHEMA_VERSION}: got "
-                f"schema={data.get('schema')!r}, version={data.get('version')!r}."
+        """Rebuild a graph from `to_dict` output, checking the schema version and every field's
+        type, so untrusted data gives a SpecError and nothing else."""
+        if (
+            not isinstance(data, Mapping)
+            or data.get("schema") != SCHEMA
+            or data.get("version") != SCHEMA_VERSION
+        ):
+            got = (
+                f"schema={data.get('schema')!r}, version={data.get('version')!r}"
+                if isinstance(data, Mapping)
+                else f"a JSON {type(data).__name__}"
             )
+            raise SpecError(f"not a multires graph of schema {SCHEMA} version {SCHEMA_VERSION}: got {got}.")
+        fields: dict[str, type | tuple[type, ...]] = {
+            "name": str,
+            "description": str,
+            "inputs": list,
+            "nodes": list,
+            "outputs": (list, str),
+        }
+        for key, kind in fields.items():
+            if not isinstance(data.get(key, ""), kind) or (key != "description" and key not in data):
+                raise SpecError(
+                    f"graph field {key!r} is missing or not a {kind}; got {str(data.get(key))[:100]}."
+                )
+        outputs = [data["outputs"]] if isinstance(data["outputs"], str) else data["outputs"]
+        if not all(isinstance(output, str) for output in outputs):
+            raise SpecError(f"graph outputs must be node names; got {str(outputs)[:100]}.")
+        for entry in data["inputs"]:
+            if not isinstance(entry, Mapping) or set(entry) != {"name", "channels"}:
+                raise SpecError(f"a graph input is {{'name': ..., 'channels': ...}}; got {str(entry)[:100]}.")
         return cls(
             name=data["name"],
             inputs=tuple(Input(**i) for i in data["inputs"]),
@@ -491,8 +540,14 @@ class Graph:
 
     @classmethod
     def from_json(cls, text: str) -> Graph:
-        """Parse JSON text written by `to_json`."""
-        return cls.from_dict(json.loads(text))
+        """Parse JSON text written by `to_json`; malformed or hostile text is a SpecError."""
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise SpecError("graph JSON nested too deeply to be a multires graph.") from None
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an int of over 4300 digits
+            raise SpecError(f"not valid graph JSON ({error}).") from None
+        return cls.from_dict(data)
 
     def to_yaml(self) -> str:
         """Serialise to YAML text (needs PyYAML: `pip install 'multires[yaml]'`)."""
@@ -529,7 +584,8 @@ def _topological(
     if not inputs:
         raise SpecError("a graph needs at least one Input.")
     seen: dict[str, str] = {}
-    for item in (*inputs, *nodes):
+    items: tuple[Input | Node, ...] = (*inputs, *nodes)
+    for item in items:
         if item.name in seen:
             raise SpecError(
                 f"{item.name} ({type(item).__name__}): duplicate name; it is also a {seen[item.name]}. "

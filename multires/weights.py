@@ -2,8 +2,18 @@
 
 Names are `<node name>.<kind>` with torchvision's kinds and layouts: convolution `weight`
 OIHW `(out, in/groups, kh, kw)` and `bias`; BatchNorm `weight`, `bias`, `running_mean`,
-`running_var`; Dense `weight` `(out, in)` and `bias`. Files are `.safetensors` (read and written
-here with NumPy alone) or `.npz`, both loaded without pickle.
+`running_var`; Dense `weight` `(out, in)` and `bias`. Files are `.safetensors` or `.npz`, both
+loaded without pickle.
+
+A weight file is untrusted input (checkpoints come from strangers): reading one raises nothing but
+`WeightsError`, and allocates no more than the file holds, since every size is checked against the
+file before anything is read. `.safetensors` is read and written by this module's own codec rather
+than the `safetensors` package: the core depends on NumPy and rich alone, and the package is a
+compiled (Rust) wheel per platform and Python version. The codec applies the format's own rules
+(those of the package's `validate`): a header of at most `MAX_HEADER` bytes that is a JSON object,
+known dtypes, non-negative integer dimensions, data offsets that are contiguous, do not overlap
+and cover the data exactly, and `__metadata__` mapping strings to strings. A fuzz test holds it to
+the package's decisions (tests/core/test_hostile_files.py).
 """
 
 from __future__ import annotations
@@ -16,14 +26,14 @@ import zipfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from multires.errors import WeightsError
+from multires.errors import SpecError, WeightsError
 from multires.files import atomic_write
 from multires.graph import BatchNorm, Conv2d, Dense, Graph
-from multires.shapes import Shape, infer_shapes
+from multires.shapes import Shape, infer_shapes, known_size
 
 CanonicalWeights = dict[str, np.ndarray]
 """Name -> float32 array, in the layouts above."""
@@ -50,12 +60,16 @@ def weight_shapes(
     for node in graph.nodes:
         c_in = shapes[node.inputs[0]][1]
         if isinstance(node, Conv2d):
-            expected[f"{node.name}.weight"] = (node.out_channels, c_in // node.groups, *node.kernel)
+            expected[f"{node.name}.weight"] = (
+                node.out_channels,
+                known_size(c_in, node) // node.groups,
+                *node.kernel,
+            )
             if node.bias:
                 expected[f"{node.name}.bias"] = (node.out_channels,)
         elif isinstance(node, BatchNorm):
             for kind in ("weight", "bias", *BUFFER_KINDS):
-                expected[f"{node.name}.{kind}"] = (c_in,)
+                expected[f"{node.name}.{kind}"] = (known_size(c_in, node),)
         elif isinstance(node, Dense):
             if c_in is None and not partial:
                 raise WeightsError(
@@ -159,7 +173,12 @@ def as_weights(source: Mapping[str, Any] | str | os.PathLike, graph: Graph) -> C
     return weights
 
 
-_ST_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2"), "I64": np.dtype("<i8")}
+_ST_DTYPES: dict[str, np.dtype] = {
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"),
+}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
@@ -170,7 +189,7 @@ def save(weights: Mapping[str, np.ndarray], path: str | os.PathLike, graph: Grap
         return atomic_write(path, lambda handle: _write_safetensors(handle, weights, graph))
     if path.suffix == ".npz":
         return atomic_write(
-            path, lambda handle: np.savez(handle, **{k: np.asarray(v) for k, v in weights.items()})
+            path, lambda handle: np.savez(handle, **{k: cast(Any, np.asarray(v)) for k, v in weights.items()})
         )
     raise WeightsError(f"{path}: use a .safetensors or .npz file name.")
 
@@ -220,70 +239,196 @@ def load_file(path: str | os.PathLike, graph: Graph | None = None) -> CanonicalW
     return weights
 
 
+_DEFLATE_RATIO = 1032
+"""The most bytes one compressed byte inflates to (zlib's limit): a bound on a member's true size."""
+
+_NPZ_ERRORS = (
+    ValueError,
+    OSError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+    RuntimeError,
+)
+"""What zipfile and NumPy's `.npy` header reader raise on a damaged archive (RuntimeError: an
+encrypted member; NotImplementedError: an unknown compression method)."""
+
+
 def _read_npz(path: Path) -> CanonicalWeights:
-    # zipfile and zlib raise their own errors for a truncated or damaged archive; an object array
-    # raises ValueError, since pickle stays off.
-    unreadable = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except unreadable as error:
-        raise WeightsError(f"{path}: not a readable .npz weight file ({error}).") from None
-    if isinstance(archive, np.ndarray):
+    """Named arrays of an `.npz` archive (as `numpy.savez` writes it), never unpickled.
+
+    Each member's `.npy` header is checked against the member's size, and that size against the
+    archive's, before its data is read, so a hostile header cannot make the reader allocate more
+    than the file can hold.
+    """
+    with path.open("rb") as handle:
+        magic = handle.read(6)
+    if magic == b"\x93NUMPY":
         raise WeightsError(
             f"{path}: holds a single unnamed .npy array, not an .npz archive of named weights."
         )
-    with archive:
-        try:
-            return {name: archive[name] for name in archive.files}
-        except unreadable as error:
-            raise WeightsError(f"{path}: not a readable .npz weight file ({error}).") from None
+    if magic[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise WeightsError(f"{path}: not a readable .npz weight file (it does not start as a zip archive).")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return _npz_members(path, archive, path.stat().st_size)
+    except _NPZ_ERRORS as error:
+        raise WeightsError(f"{path}: not a readable .npz weight file ({error}).") from None
+
+
+def _npz_members(path: Path, archive: zipfile.ZipFile, size: int) -> CanonicalWeights:
+    weights: CanonicalWeights = {}
+    for info in archive.infolist():
+        name = info.filename.removesuffix(".npy")
+        if not info.filename.endswith(".npy") or name in weights:
+            raise WeightsError(
+                f"{path}: member {info.filename!r} is not a (unique) .npy array; an .npz weight file holds "
+                "one NAME.npy per weight, as numpy.savez writes it."
+            )
+        ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _DEFLATE_RATIO
+        if info.compress_size > size or info.file_size > info.compress_size * ratio:
+            raise WeightsError(
+                f"{path}: {info.filename} claims {info.file_size} bytes ({info.compress_size} stored) in a "
+                f"{size}-byte archive: the archive is corrupt."
+            )
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+            else:
+                raise WeightsError(
+                    f"{path}: {info.filename} is a .npy file of version {version}; 1.0 or 2.0 expected."
+                )
+            if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype:
+                raise WeightsError(
+                    f"{path}: {info.filename} holds {dtype} values; weights are plain numbers (object arrays "
+                    "are refused, since loading them would need pickle)."
+                )
+            nbytes = math.prod(shape) * dtype.itemsize
+            offset = member.tell()
+            if offset + nbytes != info.file_size:
+                raise WeightsError(
+                    f"{path}: {info.filename} claims shape {shape} of {dtype} ({nbytes} bytes) in a member "
+                    f"of {info.file_size} bytes ({info.compress_size} stored): the archive is corrupt."
+                )
+            buffer = bytearray(nbytes)
+            if cast(zipfile.ZipExtFile, member).readinto(buffer) != nbytes or member.read(1):
+                raise WeightsError(f"{path}: {info.filename} is truncated: the archive is corrupt.")
+        array = np.frombuffer(buffer, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+        weights[name] = array if dtype.isnative else array.astype(dtype.newbyteorder("="))
+    return weights
 
 
 def file_graph(path: str | os.PathLike) -> Graph | None:
     """The graph stored in a multires `.safetensors` file's metadata, if any."""
-    meta = _safetensors_header(Path(path))[0].get("__metadata__", {})
-    return Graph.from_json(meta["multires.graph"]) if "multires.graph" in meta else None
+    path = Path(path)
+    meta = _safetensors_header(path)[0].get("__metadata__") or {}
+    if "multires.graph" not in meta:
+        return None
+    try:
+        return Graph.from_json(meta["multires.graph"])
+    except SpecError as error:
+        raise WeightsError(
+            f"{path}: the graph in its metadata is not a valid multires graph: {error}"
+        ) from None
+
+
+MAX_HEADER = 100_000_000
+"""The largest safetensors header read, in bytes (the `safetensors` package's own limit)."""
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The checked header of a safetensors file and the offset of its data."""
     size = path.stat().st_size
     with path.open("rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
             raise WeightsError(f"{path}: truncated safetensors file (no header length).")
         (length,) = struct.unpack("<Q", head)
-        if length > size - 8:
+        if length > size - 8 or length > MAX_HEADER:
             raise WeightsError(
-                f"{path}: corrupt safetensors file (header of {length} bytes in a {size}-byte file)."
+                f"{path}: corrupt safetensors file (header of {length} bytes in a {size}-byte file; "
+                f"at most {MAX_HEADER} bytes are read)."
             )
-        try:
-            header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise WeightsError(f"{path}: corrupt safetensors header ({error}).") from None
+        text = handle.read(length)
+    if not text.startswith(b"{"):
+        raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object).")
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except RecursionError:
+        raise WeightsError(f"{path}: corrupt safetensors header (JSON nested too deeply).") from None
+    except (UnicodeDecodeError, ValueError) as error:  # JSONDecodeError, or an int of over 4300 digits
+        raise WeightsError(f"{path}: corrupt safetensors header ({error}).") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object).")
+    meta = header.get("__metadata__")
+    if meta is not None and (
+        not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())
+    ):
+        raise WeightsError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings).")
     return header, 8 + length
+
+
+def _entry(path: Path, name: str, info: Any) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """An entry's dtype, shape and data offsets, checked for type and consistency."""
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
+
+    if (
+        not isinstance(info, dict)
+        or not isinstance(info.get("dtype"), str)
+        or info["dtype"] not in _ST_DTYPES
+        or not isinstance(info.get("shape"), list)
+        or not all(count(d) for d in info["shape"])
+        or not isinstance(info.get("data_offsets"), list)
+        or len(info["data_offsets"]) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"])
+    ):
+        raise WeightsError(
+            f"{path}: corrupt or unsupported entry {name!r}: {str(info)[:200]}; expected dtype one of "
+            f"{', '.join(_ST_DTYPES)}, shape a list of non-negative ints and data_offsets [begin, end]."
+        )
+    dtype, shape = _ST_DTYPES[info["dtype"]], tuple(info["shape"])
+    begin, end = info["data_offsets"]
+    return dtype, shape, begin, end
 
 
 def _read_safetensors(path: Path) -> CanonicalWeights:
     header, start = _safetensors_header(path)
-    data = np.fromfile(path, dtype=np.uint8, offset=start)
-    weights: CanonicalWeights = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _ST_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise WeightsError(f"{path}: corrupt or unsupported entry {name!r}: {info!r}.") from None
-        if not 0 <= begin <= end <= data.size or end - begin != math.prod(shape) * dtype.itemsize:
+    size = path.stat().st_size - start
+    entries = {name: _entry(path, name, info) for name, info in header.items() if name != "__metadata__"}
+    for name, (dtype, shape, begin, end) in entries.items():
+        if not 0 <= begin <= end <= size or end - begin != math.prod(shape) * dtype.itemsize:
             raise WeightsError(
                 f"{path}: entry {name!r} claims bytes {begin}..{end} for shape {shape} of {dtype}, "
-                f"but the data holds {data.size} bytes: the file is truncated or corrupt."
+                f"but the data holds {size} bytes: the file is truncated or corrupt."
             )
-        weights[name] = data[begin:end].view(dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    covered = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin != covered:
+            raise WeightsError(
+                f"{path}: entry {name!r} starts at byte {begin} of the data, expected {covered}: the "
+                "entries must be contiguous and must not overlap. The file is corrupt."
+            )
+        covered = end
+    if covered != size:
+        raise WeightsError(
+            f"{path}: the entries cover {covered} of the {size} data bytes; the file is corrupt or "
+            "holds data no entry describes."
+        )
+    weights: CanonicalWeights = {}
+    with path.open("rb") as handle:
+        for name, (dtype, shape, begin, end) in entries.items():
+            buffer = bytearray(end - begin)
+            handle.seek(start + begin)
+            if handle.readinto(buffer) != len(buffer):
+                raise WeightsError(f"{path}: the file changed while it was read; read it again.")
+            array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+            weights[name] = array if dtype.isnative else array.astype(dtype.newbyteorder("="))
     return weights
 
 

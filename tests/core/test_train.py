@@ -5,6 +5,7 @@ resumes to exactly the weights of an uninterrupted run."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import time
 import types
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -111,9 +113,54 @@ RUN = dict(
 """The settings of the checkpoint tests: 8 steps per epoch on DATA."""
 
 
+class Counting:
+    """A runner factory that builds Float32Runners and counts the steps they take."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def __call__(self, *args: object) -> Float32Runner:
+        counter = self
+
+        class Counted(Float32Runner):
+            def train_step(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+                counter.steps += 1
+                return super().train_step(x, labels)
+
+        return Counted(*args)
+
+
 def run_worker(out: str) -> None:
     """The run the kill test starts in a subprocess (`python -c "import test_train; ..."`)."""
     train(tiny_graph(), SlowRunner, data=DATA, out=out, checkpoint_every=3, **RUN)
+
+
+def pointer_kill_worker(out: str) -> None:
+    """A run that SIGKILLs itself at its second checkpoint, after the arrays are written and before
+    `checkpoint.json` is swapped for the new one."""
+    import multires.train
+
+    write = multires.train._write_atomic
+    pointers = []
+
+    def dying(path: Path, payload: bytes) -> Path:
+        if path.name == multires.train.CHECKPOINT:
+            pointers.append(path)
+            if len(pointers) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return write(path, payload)
+
+    multires.train._write_atomic = dying
+    train(tiny_graph(), Float32Runner, data=DATA, out=out, checkpoint_every=3, **RUN)
+
+
+def run_in_subprocess(worker: str, out: Path) -> subprocess.Popen:
+    code = (
+        f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_train; test_train.{worker}({str(out)!r})"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": "0"}, stderr=subprocess.PIPE
+    )
 
 
 def weights_of(history: History) -> dict[str, np.ndarray]:
@@ -401,9 +448,7 @@ def test_a_cosine_run_resumes_exactly_and_only_with_its_length(tmp_path: Path) -
 
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_train; test_train.run_worker({str(out)!r})"
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    worker = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+    worker = run_in_subprocess("run_worker", out)
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and worker.poll() is None:
@@ -411,6 +456,10 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path: P
             if record and record["position"]["epoch"] == 1 and record["position"]["step"] >= 3:
                 break
             time.sleep(0.01)
+        with pytest.raises(
+            TrainingError, match=rf"in use by a running multires train \(pid {worker.pid} on "
+        ):
+            train(tiny_graph(), Float32Runner, data=DATA, out=out, resume=True, **RUN)
         time.sleep(0.12)  # let it take a couple of steps past the checkpoint, which the kill loses
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
@@ -424,11 +473,139 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path: P
         "the kill was meant to land in epoch 2"
     )
     assert 3 <= killed_at["position"]["step"] < 8
-    resumed = train(tiny_graph(), Float32Runner, data=DATA, out=out, resume=True, **RUN)
+    counting = Counting()
+    resumed = train(tiny_graph(), counting, data=DATA, out=out, resume=True, **RUN)
+    assert counting.steps == 3 * 8 - (8 + killed_at["position"]["step"]), "resume must run only the rest"
     whole = train(tiny_graph(), Float32Runner, data=DATA, **RUN)
     assert_same_weights(weights_of(resumed), weights_of(whole))
     assert [e.train_loss for e in resumed.epochs] == [e.train_loss for e in whole.epochs]
     assert_same_weights(load_file(out / "weights.safetensors"), weights_of(whole))
+
+
+def test_a_kill_between_the_arrays_and_the_pointer_swap_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    worker = run_in_subprocess("pointer_kill_worker", out)
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == -signal.SIGKILL, err.decode()
+    record = read_checkpoint(out)
+    assert record is not None and (record["position"]["epoch"], record["position"]["step"]) == (0, 3)
+    folders = sorted((out / "checkpoints").iterdir())
+    (orphan,) = [f for f in folders if f != out / record["dir"]]
+    assert orphan.name.startswith("epoch-0000-step-000006-"), "the kill came at the step-6 checkpoint"
+    assert {p.name for p in orphan.iterdir()} == {"weights.safetensors", "optimizer.safetensors"}
+    load_file(out / record["dir"] / "weights.safetensors", tiny_graph())
+    counting = Counting()
+    resumed = train(tiny_graph(), counting, data=DATA, out=out, checkpoint_every=3, resume=True, **RUN)
+    assert counting.steps == 3 * 8 - 3
+    assert_same_weights(weights_of(resumed), weights_of(train(tiny_graph(), Float32Runner, data=DATA, **RUN)))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [Path(read_checkpoint(out)["dir"]).name]
+
+
+class FullDisk:
+    """Files opened for an atomic write ("xb") on a disk that fills up: once armed, the `fail`-th
+    such file takes 7 bytes and then raises ENOSPC, as a full disk does mid-write."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: int) -> None:
+        self.armed, self.fail, self.opened = False, fail, 0
+        real_open = Path.open
+        disk = self
+
+        class Handle:
+            def __init__(self, handle: Any, full: bool) -> None:
+                self.handle, self.full = handle, full
+
+            def write(self, data: bytes) -> int:
+                if self.full:
+                    self.handle.write(bytes(data)[:7])
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return self.handle.write(data)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.handle, name)
+
+            def __enter__(self) -> Handle:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                self.handle.close()
+
+        def open_(path: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            handle = real_open(path, mode, *args, **kwargs)
+            if mode != "xb" or not disk.armed:
+                return handle
+            disk.opened += 1
+            return Handle(handle, disk.opened == disk.fail + 1)
+
+        monkeypatch.setattr(Path, "open", open_)
+
+
+@pytest.mark.parametrize("fail", [0, 1, 2], ids=["weights", "optimizer", "pointer"])
+def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: int
+) -> None:
+    disk = FullDisk(monkeypatch, fail)
+
+    class Filling(Float32Runner):
+        def train_step(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+            disk.armed = disk.armed or self.steps_taken == 4
+            self.steps_taken += 1
+            return super().train_step(x, labels)
+
+        steps_taken = 0
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"No space left on device\); the previous checkpoint is intact"):
+        train(tiny_graph(), Filling, data=DATA, out=out, checkpoint_every=3, **RUN)
+    assert disk.opened == fail + 1, "the fault hit the checkpoint after step 6"
+    record = read_checkpoint(out)
+    assert record is not None and (record["position"]["epoch"], record["position"]["step"]) == (0, 3)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [Path(record["dir"]).name]
+    assert not list(out.rglob("*.tmp"))
+    load_file(out / record["dir"] / "optimizer.safetensors")
+    disk.armed = False
+    counting = Counting()
+    resumed = train(tiny_graph(), counting, data=DATA, out=out, checkpoint_every=3, resume=True, **RUN)
+    assert counting.steps == 3 * 8 - 3
+    assert_same_weights(weights_of(resumed), weights_of(train(tiny_graph(), Float32Runner, data=DATA, **RUN)))
+
+
+def test_run_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        train(
+            tiny_graph(),
+            Float32Runner,
+            data=DATA,
+            out=tmp_path / "run",
+            checkpoint_every=3,
+            **{**RUN, "epochs": 1},
+        )
+        mr.weights.save(init_weights(tiny_graph()), tmp_path / "run" / "extra.npz")
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"checkpoint.json", "history.json", "weights.safetensors", "train.lock"}
+    assert {p.relative_to(tmp_path): oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.relative_to(tmp_path): "0o640" for p in files
+    }
+    folders = [p for p in (tmp_path / "run").rglob("*") if p.is_dir()]
+    assert folders and all(p.stat().st_mode & 0o777 == 0o750 for p in folders)
+
+
+def test_a_log_gets_a_progress_line_every_tenth_of_an_epoch(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train(tiny_graph(), Float32Runner, data=DATA, **{**RUN, "epochs": 1, "batch_size": 2, "progress": True})
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines[:-1]] == [f"epoch 1/1: step {s}/30" for s in range(3, 30, 3)]
+    assert re.fullmatch(r"epoch 1/1: step 3/30, loss \d\.\d{3} acc \d\.\d{3} \d+ ex/s", lines[0])
+    assert lines[-1].startswith("epoch 1/1: loss ")
+    monkeypatch.setattr("multires.train.PROGRESS_SECONDS", 0.0)
+    train(tiny_graph(), Float32Runner, data=DATA, **{**RUN, "epochs": 1, "batch_size": 2, "progress": True})
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 30 and lines[28].startswith("epoch 1/1: step 29/30,"), (
+        "at most PROGRESS_SECONDS apart"
+    )
 
 
 # The command line.
@@ -480,7 +657,10 @@ def test_cli_train_prints_the_book_line_and_resumes(
     assert main(args) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert main([*args, "--resume", "--epochs", "2"]) == 0
-    assert capsys.readouterr().err.startswith("epoch 2/2: loss "), "the resumed run trains epoch 2 only"
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "resuming runs/d2l_resnet-reference at epoch 2/2, step 0/2 (2 steps done)"
+    assert err[1].startswith("epoch 2/2: step 1/2, loss "), "stderr is no terminal: a progress line per step"
+    assert err[2].startswith("epoch 2/2: loss ") and len(err) == 3, "the resumed run trains epoch 2 only"
     assert len(json.loads((run / "history.json").read_text())["epochs"]) == 2
     assert main([*args[:-3], "--out", "defaults", "--no-plot"]) == 0
     defaults = json.loads((tmp_path / "defaults" / "history.json").read_text())["config"]

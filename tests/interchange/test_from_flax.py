@@ -138,9 +138,10 @@ def test_the_books_jax_resnet18_is_the_jax_edition_in_every_backend(size: int) -
     x_nchw = x.transpose(0, 3, 1, 2)
     assert relative_error(multires.reference.run(graph, weights, x_nchw), expected) < 1e-5
     for backend in multires.available_backends():
-        runner = multires.make_runner(graph, backend=backend, weights=weights, layout="NCHW")
-        got = runner.forward(x_nchw, training=False)
-        assert relative_error(got, expected) < 1e-5, backend
+        layout = multires.backend.resolve_layout(multires.get_backend(backend), None)
+        runner = multires.make_runner(graph, backend=backend, weights=weights, layout=layout)
+        got = runner.forward(x_nchw if layout == "NCHW" else x, training=False)
+        assert relative_error(got, expected) < 1e-5, (backend, layout)
 
 
 def test_the_books_training_step_updates_statistics_as_the_jax_edition() -> None:

@@ -15,7 +15,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from multires import backend as registry
 from multires import reference
 from multires.errors import BackendUnavailableError, ShapeError
 from multires.graph import Graph
-from multires.shapes import Shape, check_input_shape, param_count
+from multires.shapes import check_input_shape, param_count
 from multires.weights import CanonicalWeights, as_weights, is_buffer, random_weights
 
 REFERENCE = "reference"
@@ -145,7 +145,7 @@ def _backend_row(
 
 def compare(
     graph: Graph,
-    input_shape: Shape,
+    input_shape: Sequence[int],
     backends: Sequence[str] | None = None,
     seed: int = 0,
     repeats: int = 5,
@@ -167,17 +167,17 @@ def compare(
         )
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1; got {repeats}.")
-    input_shape = tuple(int(d) for d in input_shape)
-    check_input_shape(graph, input_shape, "NCHW")
+    shape = tuple(int(d) for d in input_shape)
+    check_input_shape(graph, shape, "NCHW")
     names = list(
         dict.fromkeys(
             registry.canonical_name(b) for b in (registry.backends() if backends is None else backends)
         )
     )
-    weights = random_weights(graph, seed, input_shape) if weights is None else as_weights(weights, graph)
-    x = np.random.default_rng(seed).standard_normal(input_shape).astype(np.float32)
+    weights = random_weights(graph, seed, shape) if weights is None else as_weights(weights, graph)
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     start = time.perf_counter()
-    expected = reference.run(graph, weights, x)
+    expected = cast(np.ndarray, reference.run(graph, weights, x))  # one output: an array
     reference_ms = 1000.0 * (time.perf_counter() - start)
     rows = [
         Row(
@@ -186,13 +186,13 @@ def compare(
             OK,
             "NCHW",
             tuple(expected.shape),
-            param_count(graph, input_shape),
+            param_count(graph, shape),
             0.0,
             reference_ms,
         )
     ]
     rows += [_backend_row(name, graph, weights, x, expected, repeats, tolerance) for name in names]
-    return Comparison(graph.name, input_shape, seed, repeats, tolerance, tuple(rows))
+    return Comparison(graph.name, shape, seed, repeats, tolerance, tuple(rows))
 
 
 __all__ = [

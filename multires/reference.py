@@ -565,8 +565,8 @@ def backward(fwd: Forward, grad_outputs: np.ndarray | Mapping[str, np.ndarray]) 
         name: grads.get(name, np.zeros_like(fwd.weights[name])) for name in fwd.weights if not is_buffer(name)
     }
     for spec in graph.inputs:
-        gx = pending.get(spec.name)
-        result[spec.name] = np.zeros_like(fwd.values[spec.name]) if gx is None else np.array(gx)
+        grad = pending.get(spec.name)
+        result[spec.name] = np.zeros_like(fwd.values[spec.name]) if grad is None else np.array(grad)
     return result
 
 
@@ -727,7 +727,10 @@ class ReferenceRunner:
 
     def _to_nchw(self, x: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray | dict[str, np.ndarray]:
         if isinstance(x, Mapping):
-            return {name: self._to_nchw(value) for name, value in x.items()}
+            return {name: self._array_to_nchw(value) for name, value in x.items()}
+        return self._array_to_nchw(x)
+
+    def _array_to_nchw(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         if len(self.graph.inputs) == 1:
             check_input_shape(self.graph, x.shape, self.layout)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from multires.errors import ShapeError, SpecError
 from multires.graph import (
@@ -43,9 +43,17 @@ def _spatial(
 ) -> int | None:
     if size is None:
         return None
-    if pad == SAME:
+    if isinstance(pad, str):
         return -(-size // stride)
     return (size + pad[0] + pad[1] - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def known_size(dim: int | None, node: Node) -> int:
+    """A size this node needs known: channels always are (inputs declare them); spatial sizes
+    only when an input shape is given."""
+    if dim is None:
+        raise SpecError(f"{_where(node)}: its input size depends on the image size; give an input shape.")
+    return dim
 
 
 def _need_4d(node: Node, shape: Shape) -> None:
@@ -72,7 +80,7 @@ def node_output_shape(node: Node, in_shapes: Sequence[Shape]) -> Shape:
                 f"{h} x {w}. Use a larger input or less downsampling before this node."
             )
         if isinstance(node, Conv2d):
-            if c % node.groups:
+            if known_size(c, node) % node.groups:
                 raise SpecError(
                     f"{_where(node)}: groups (={node.groups}) must divide the input channels "
                     f"(={c}). Change groups or the previous layer's channels."
@@ -105,7 +113,7 @@ def node_output_shape(node: Node, in_shapes: Sequence[Shape]) -> Shape:
     if isinstance(node, Flatten):
         _need_4d(node, shape)
         n, c, h, w = shape
-        return (n, None if h is None or w is None else c * h * w)
+        return (n, None if h is None or w is None else known_size(c, node) * h * w)
     if isinstance(node, Dense):
         if len(shape) != 2:
             raise SpecError(
@@ -125,7 +133,7 @@ def _input_shapes(graph: Graph, input_shape: Shape | Mapping[str, Shape] | None)
                 "as a dict."
             )
         input_shape = {graph.inputs[0].name: tuple(input_shape)}
-    shapes = {}
+    shapes: dict[str, Shape] = {}
     for spec in graph.inputs:
         if spec.name not in input_shape:
             raise ShapeError(f"graph {graph.name!r}: no shape given for input {spec.name!r}.")
@@ -151,7 +159,11 @@ def infer_shapes(graph: Graph, input_shape: Shape | Mapping[str, Shape] | None =
     return shapes
 
 
-def to_layout(shape: Shape, layout: str) -> Shape:
+_Dim = TypeVar("_Dim", int, int | None)
+"""A dimension: known (`int`) in a concrete shape, `int | None` in a `Shape`."""
+
+
+def to_layout(shape: Sequence[_Dim], layout: str) -> tuple[_Dim, ...]:
     """An NCHW shape as it appears in `layout` (2-D shapes are the same in both)."""
     layout = check_layout(layout)
     if layout == "NHWC" and len(shape) == 4:
@@ -160,7 +172,7 @@ def to_layout(shape: Shape, layout: str) -> Shape:
     return tuple(shape)
 
 
-def from_layout(shape: Shape, layout: str) -> Shape:
+def from_layout(shape: Sequence[_Dim], layout: str) -> tuple[_Dim, ...]:
     """A shape given in `layout`, as NCHW."""
     layout = check_layout(layout)
     if layout == "NHWC" and len(shape) == 4:
@@ -204,15 +216,13 @@ def check_input_shape(graph: Graph, shape: Sequence[int], layout: str = "NCHW") 
 def node_params(node: Node, in_shape: Shape) -> int:
     """Trainable parameters of one node (running statistics are buffers, not counted)."""
     if isinstance(node, Conv2d):
-        c_in = in_shape[1]
+        c_in = known_size(in_shape[1], node)
         kh, kw = node.kernel
         return node.out_channels * (c_in // node.groups) * kh * kw + (node.out_channels if node.bias else 0)
     if isinstance(node, BatchNorm):
-        return 2 * in_shape[1]
+        return 2 * known_size(in_shape[1], node)
     if isinstance(node, Dense):
-        features = in_shape[1]
-        if features is None:
-            raise SpecError(f"{_where(node)}: its input size depends on the image size; give an input shape.")
+        features = known_size(in_shape[1], node)
         return node.out_features * features + (node.out_features if node.bias else 0)
     return 0
 
@@ -220,11 +230,11 @@ def node_params(node: Node, in_shape: Shape) -> int:
 def node_macs(node: Node, in_shape: Shape, out_shape: Shape) -> int:
     """Multiply-accumulates of one node: convolutions and dense layers only."""
     if isinstance(node, Conv2d):
-        n, c_out, h, w = out_shape
+        n, c_out, h, w = (known_size(d, node) for d in out_shape)
         kh, kw = node.kernel
-        return n * c_out * h * w * (in_shape[1] // node.groups) * kh * kw
+        return n * c_out * h * w * (known_size(in_shape[1], node) // node.groups) * kh * kw
     if isinstance(node, Dense):
-        return in_shape[0] * in_shape[1] * node.out_features
+        return known_size(in_shape[0], node) * known_size(in_shape[1], node) * node.out_features
     return 0
 
 
@@ -271,7 +281,7 @@ class Summary:
         }
 
 
-def summarize(graph: Graph, input_shape: Shape, layout: str = "NCHW") -> Summary:
+def summarize(graph: Graph, input_shape: Sequence[int], layout: str = "NCHW") -> Summary:
     """Shapes, parameters and MACs of every node for an input given in `layout`."""
     layout = check_layout(layout)
     check_input_shape(graph, input_shape, layout)

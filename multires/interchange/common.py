@@ -4,14 +4,27 @@ mismatch reported at once, and the layout transposes between the canonical form 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from multires.errors import WeightsError
-from multires.graph import Graph
+from multires.errors import InterchangeError, WeightsError
+from multires.graph import Graph, Node
 from multires.shapes import Shape
 from multires.weights import CanonicalWeights, weight_shapes
+
+N = TypeVar("N", bound=Node)
+
+
+def node_as(graph: Graph, name: str, kind: type[N]) -> N:
+    """`graph[name]`, which an importer or exporter reads as a `kind` node."""
+    node = graph[name]
+    if not isinstance(node, kind):
+        raise InterchangeError(
+            f"{name} ({type(node).__name__}): graph {graph.name!r} has it where a {kind.__name__} is "
+            "expected; pass a graph of the library's architecture."
+        )
+    return node
 
 
 def match_weights(

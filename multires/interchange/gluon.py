@@ -76,7 +76,7 @@ import multires
 from multires.errors import InterchangeError, WeightsError
 from multires.files import atomic_write
 from multires.graph import BatchNorm, Conv2d, Dense, Graph, Node
-from multires.interchange.common import match_weights
+from multires.interchange.common import match_weights, node_as
 from multires.weights import CanonicalWeights, weight_shapes
 from multires.zoo.gluon import DEPTHS
 
@@ -174,7 +174,7 @@ def to_gluon(graph: Graph, weights: Mapping[str, Any]) -> gluon.HybridBlock:
     version, depth, thumbnail = variant
     if version == 2:
         _check_fixed_data_bn(canonical)
-    num_classes = graph["fc"].out_features
+    num_classes = node_as(graph, "fc", Dense).out_features
     net = gluon.model_zoo.vision.get_model(
         f"resnet{depth}_v{version}", pretrained=False, classes=num_classes, thumbnail=thumbnail
     )
@@ -282,6 +282,7 @@ def _zoo_name(path: str, version: int, thumbnail: bool) -> str:
     layer, _, kind = path.rpartition(".")
     parts = layer.split(".")
     first = FIRST_STAGE[version, thumbnail]
+    node: str | None
     if layer == "output":
         node = "fc"
     elif parts[0] != "features" or len(parts) < 2 or not parts[1].isdigit():
@@ -309,7 +310,7 @@ def _zoo_variant(graph: Graph) -> tuple[int, int, bool] | None:
     for thumbnail in (False, True):
         candidate = multires.spec(
             graph.name,
-            num_classes=graph["fc"].out_features,
+            num_classes=node_as(graph, "fc", Dense).out_features,
             in_channels=graph.inputs[0].channels,
             thumbnail=thumbnail,
         )
@@ -397,7 +398,7 @@ def _traced_pairs(block: gluon.Block, graph: Graph) -> list[tuple[str, gluon.Blo
         ]
         direct = [node for node in ready if source not in paired or node.inputs[0] == paired[source]]
         fitting = [node for node in direct or ready if _fits_node(layer, node, expected)]
-        node = (fitting or direct or ready or [None])[0]
+        node = next(iter(fitting or direct or ready), None)
         if node is not None:
             unpaired.remove(node)
             paired[path] = node.name
@@ -517,6 +518,8 @@ def _check_layer(path: str, layer: gluon.Block, node: Node) -> list[str]:
     kwargs = layer._kwargs if not isinstance(layer, nn.Dense) else {}
     found: list[tuple[str, Any, Any]] = []
     if isinstance(node, Conv2d):
+        if isinstance(node.padding, str):
+            return [f"{where}: padding 'same' (TensorFlow SAME) has no Gluon Conv2D equivalent"]
         (top, bottom), (left, right) = node.padding
         found = [
             ("stride", tuple(kwargs["stride"]), node.stride),

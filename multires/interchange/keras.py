@@ -63,7 +63,7 @@ import numpy as np
 
 from multires.errors import InterchangeError, WeightsError
 from multires.graph import SAME, BatchNorm, Conv2d, Dense, Flatten, GlobalAvgPool, Graph, Node
-from multires.interchange.common import hwio_to_oihw, match_weights, oihw_to_hwio
+from multires.interchange.common import hwio_to_oihw, match_weights, node_as, oihw_to_hwio
 from multires.weights import CanonicalWeights
 from multires.zoo import spec
 from multires.zoo.keras import DEPTHS
@@ -204,7 +204,7 @@ def _application_of(graph: Graph) -> tuple[str, dict[str, Any], int] | None:
     fc = "fc" if not entry.endswith("v2") else "head.fc"
     options: dict[str, Any] = {"in_channels": graph.inputs[0].channels}
     if fc in graph.by_name:
-        options["num_classes"] = graph[fc].out_features
+        options["num_classes"] = node_as(graph, fc, Dense).out_features
     else:
         pooled = any(isinstance(node, GlobalAvgPool) for node in graph.nodes)
         options.update(include_top=False, pooling="avg" if pooled else None)
@@ -321,7 +321,7 @@ def _problems(layer: Any, path: str, node: Node, drop_softmax: bool = False) -> 
             ("running variance update", "biased", node.running_variance),
             ("renorm", layer.renorm, False),
         ]
-    else:
+    elif isinstance(node, Dense):
         activation = _activation(layer)
         differences += [
             ("units", layer.units, node.out_features),
@@ -513,6 +513,7 @@ def from_keras(
         graph = spec(entry, **options) if graph is None else graph
         pairs, problems, weights = _by_table(model, graph, version)
     else:
+        assert graph is not None  # not recognised, so given: checked above
         nodes = [
             (tuple(n.name.split(".")), n) for n in graph.nodes if isinstance(n, (Conv2d, BatchNorm, Dense))
         ]

@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 
 from multires.errors import InterchangeError, WeightsError
-from multires.graph import BatchNorm, Graph
-from multires.interchange.common import match_weights
+from multires.graph import BatchNorm, Dense, Graph
+from multires.interchange.common import match_weights, node_as
 from multires.weights import CanonicalWeights, load_file, save, weight_shapes
 from multires.zoo import spec
 
@@ -80,7 +80,7 @@ def _state_dict(source: Any) -> Mapping[str, Any]:
     raise InterchangeError(f"a {type(source).__name__} is not a torchvision model or state dict. {SUPPORTED}")
 
 
-def _structure(weights: Mapping[str, np.ndarray]) -> tuple[str, tuple[int, ...]]:
+def _structure(weights: Mapping[str, object]) -> tuple[str, tuple[int, ...]]:
     """(block type, blocks per stage) read from the keys."""
     blocks: dict[int, set[int]] = {}
     for key in weights:
@@ -137,7 +137,7 @@ def to_torchvision(graph: Graph, weights: Mapping[str, Any]) -> dict[str, Any]:
     structure = _structure(weight_shapes(graph, partial=True))
     candidates = [name for name, arch in ARCHS.items() if arch == structure and "fc" in graph.by_name]
     same = (graph.inputs, graph.nodes, graph.outputs)
-    zoo = (spec(name, num_classes=graph["fc"].out_features) for name in candidates)
+    zoo = (spec(name, num_classes=node_as(graph, "fc", Dense).out_features) for name in candidates)
     if in_channels != 3 or not any((g.inputs, g.nodes, g.outputs) == same for g in zoo):
         raise InterchangeError(
             f"graph {graph.name!r} is not a torchvision model (torchvision's ResNets take 3 input channels; "

@@ -52,8 +52,8 @@ from typing import Any
 import numpy as np
 
 from multires.errors import InterchangeError, WeightsError
-from multires.graph import Graph
-from multires.interchange.common import match_weights
+from multires.graph import Conv2d, Dense, Graph
+from multires.interchange.common import match_weights, node_as
 from multires.weights import CanonicalWeights, weight_shapes
 from multires.zoo import spec
 from multires.zoo.transformers import LAYER_TYPES, hf_resnet
@@ -251,15 +251,18 @@ def _config_of(graph: Graph) -> dict[str, Any]:
         last = "conv3" if bottleneck else "conv2"
         settings = {
             "num_channels": graph.inputs[0].channels,
-            "embedding_size": graph["conv1"].out_channels,
-            "hidden_sizes": tuple(graph[f"layer{i + 1}.0.{last}"].out_channels for i in range(len(depths))),
+            "embedding_size": node_as(graph, "conv1", Conv2d).out_channels,
+            "hidden_sizes": tuple(
+                node_as(graph, f"layer{i + 1}.0.{last}", Conv2d).out_channels for i in range(len(depths))
+            ),
             "depths": tuple(depths),
             "layer_type": "bottleneck" if bottleneck else "basic",
             "hidden_act": "relu",
             "downsample_in_first_stage": "layer1.0.downsample.0" in graph.by_name
-            and graph["layer1.0.downsample.0"].stride != (1, 1),
-            "downsample_in_bottleneck": bottleneck and graph[f"layer{len(depths)}.0.conv1"].stride != (1, 1),
-            "num_labels": graph["fc"].out_features if "fc" in graph.by_name else 0,
+            and node_as(graph, "layer1.0.downsample.0", Conv2d).stride != (1, 1),
+            "downsample_in_bottleneck": bottleneck
+            and node_as(graph, f"layer{len(depths)}.0.conv1", Conv2d).stride != (1, 1),
+            "num_labels": node_as(graph, "fc", Dense).out_features if "fc" in graph.by_name else 0,
         }
         built = _graph(settings, head=bool(settings["num_labels"]))
     except (KeyError, AttributeError, ValueError) as error:

@@ -39,6 +39,11 @@ def join(*parts: str) -> str:
     return ".".join(part for part in parts if part)
 
 
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    """`3` as `(3, 3)`; anything else as given (the node checks it and names itself in the error)."""
+    return (value, value) if isinstance(value, int) else value
+
+
 class GraphBuilder:
     """Accumulates the nodes of one graph with a single image input of `in_channels` channels."""
 
@@ -79,7 +84,7 @@ class GraphBuilder:
     ) -> str:
         """2-D convolution; `padding` is an int, `(ph, pw)`, `((top, bottom), (left, right))` or
         "same" (TensorFlow/XLA SAME)."""
-        node = Conv2d(name, (x,), out_channels, kernel, stride, padding, 1, groups, bias)
+        node = Conv2d(name, (x,), out_channels, _pair(kernel), _pair(stride), padding, (1, 1), groups, bias)
         return self._append(node, node.out_channels)
 
     def bn(
@@ -110,7 +115,7 @@ class GraphBuilder:
         self, name: str, x: str, kernel: int | tuple[int, int], stride: Any = None, padding: Any = 0
     ) -> str:
         """Max pooling (padding never wins the max); `stride` defaults to the kernel."""
-        return self._append(MaxPool2d(name, (x,), kernel, stride, padding))
+        return self._append(MaxPool2d(name, (x,), _pair(kernel), stride, padding))
 
     def avgpool(
         self,
@@ -122,7 +127,7 @@ class GraphBuilder:
         count_include_pad: bool = True,
     ) -> str:
         """Average pooling; `stride` defaults to the kernel."""
-        node = AvgPool2d(name, (x,), kernel, stride, padding, count_include_pad)
+        node = AvgPool2d(name, (x,), _pair(kernel), stride, padding, count_include_pad)
         return self._append(node)
 
     def gap(self, name: str, x: str) -> str:
@@ -149,7 +154,7 @@ class GraphBuilder:
             self.name,
             (Input(self.input, self._in_channels),),
             tuple(self._nodes),
-            outputs,
+            (outputs,) if isinstance(outputs, str) else outputs,
             description,
         )
 

@@ -3,6 +3,12 @@ conflict (MXNet 1.9.1 needs numpy<1.24, which TensorFlow and JAX refuse)."""
 
 from __future__ import annotations
 
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
 import nox
 
 nox.options.reuse_venv = "yes"
@@ -11,6 +17,7 @@ nox.options.sessions = [
     "lint",
     "tests-core",
     "docs",
+    "package",
     "tests-torch",
     "tests-tf",
     "tests-flax",
@@ -30,6 +37,14 @@ PINS = {
 }
 """Each backend's framework, pinned (torch 2.13.0 is the CPU wheel this machine's pip finds; an
 unpinned torch pulls a multi-GB CUDA build)."""
+
+OLDEST = {
+    "flax": ["jax==0.4.30", "jaxlib==0.4.30", "flax==0.10.0", "optax==0.2.3"],
+}
+"""The oldest releases of a range that pyproject.toml's extras declare, tested by
+`tests-<backend>-oldest` (not a default session). torch has none: only 2.13.0 exists here. tf has
+none yet: with Keras 3.0.5, 3.3.3 (TensorFlow 2.16.1) and 3.8.0 (2.18.1) the NHWC training step
+fails in Keras' Flatten ('Only one input size may be -1'), so the tf extra starts at the tested pin."""
 
 SOURCES = {"torch": ["transformers==5.23.0"]}
 """Libraries whose models `multires.interchange` imports, installed beside a backend's framework
@@ -71,10 +86,13 @@ def _backend_tests(session: nox.Session, backend: str, *extra: str) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """Ruff lint and format check."""
-    session.install("ruff>=0.6")
+    """Ruff lint and format check; mypy on `multires/` (settings in pyproject.toml)."""
+    session.install(
+        "ruff>=0.6", "mypy==1.20.2", "numpy==2.4.6", "rich==15.0.0", "pyyaml==6.0.4", "types-PyYAML"
+    )
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
 
 
 @nox.session(name="tests-core", python=PYTHON)
@@ -87,9 +105,60 @@ def tests_core(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def docs(session: nox.Session) -> None:
     """Build the documentation site with warnings as errors."""
-    session.install("mkdocs==1.6.1", "mkdocs-material==9.8.1")
+    session.install(
+        "mkdocs==1.6.1", "mkdocs-material==9.8.1", "mkdocstrings==1.0.8", "mkdocstrings-python==2.0.11"
+    )
     session.install("-e", ".")
     session.run("mkdocs", "build", "--strict", "--site-dir", "site", env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+WHEEL_PACKAGES = [
+    "multires",
+    "multires/zoo",
+    "multires/interchange",
+    "multires/backends",
+    *(f"multires/backends/{name}" for name in PINS),
+]
+"""Every package the wheel must hold (`backends/` is mapped to `multires.backends`)."""
+
+
+@nox.session(python=PYTHON)
+def package(session: nox.Session) -> None:
+    """Build the sdist and wheel, `twine check` them, install the wheel into a fresh virtualenv
+    outside the repository and run the README's framework-free example and `multires summary` there."""
+    session.install("build==1.6.1", "twine==7.0.0")
+    outside = Path(tempfile.mkdtemp(prefix="multires-package-"))
+    dist = outside / "dist"
+    session.run("python", "-m", "build", "--outdir", str(dist), ".")
+    (wheel,) = dist.glob("multires-*.whl")
+    session.run("twine", "check", "--strict", *(str(p) for p in dist.iterdir()))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    missing = [p for p in WHEEL_PACKAGES if f"{p}/__init__.py" not in names]
+    missing += [] if "multires/py.typed" in names else ["multires/py.typed"]
+    if missing:
+        session.error(f"{wheel.name} lacks {missing}: fix [tool.setuptools] in pyproject.toml.")
+    venv = outside / "venv"
+    session.run("python", "-m", "venv", str(venv))
+    session.run(str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel), external=True)
+    readme = Path("README.md").read_text()
+    example = re.search(r"need no framework:\n\n```python\n(.*?)```", readme, re.S)
+    if example is None:
+        session.error("README.md: the framework-free example (after 'need no framework:') is gone.")
+    (outside / "example.py").write_text(example[1] + "print('README example: ok')\n")
+    with session.chdir(outside):
+        session.run(str(venv / "bin" / "python"), "example.py", external=True)
+        session.run(
+            str(venv / "bin" / "python"),
+            "-c",
+            "import multires, sys; assert 'site-packages' in "
+            "multires.__file__, multires.__file__; print(multires.__file__)",
+            external=True,
+        )
+        session.run(str(venv / "bin" / "multires"), "--version", external=True)
+        session.run(
+            str(venv / "bin" / "multires"), "summary", "d2l_resnet18", "--input", "1,1,96,96", external=True
+        )
+    shutil.rmtree(outside)
 
 
 @nox.session(name="tests-torch", python=PYTHON)
@@ -130,8 +199,9 @@ def tests_mxnet(session: nox.Session) -> None:
 
 @nox.session(name="tests-onnx", python=PYTHON)
 def tests_onnx(session: nox.Session) -> None:
-    """ONNX backend with onnxruntime (inference-only): eval conformance, backend tests, docs."""
-    _backend_tests(session, "onnx")
+    """ONNX backend with onnxruntime (inference-only): eval conformance, backend tests, docs, and an
+    exported model run by onnxruntime-node (Node.js; skipped without node and npm)."""
+    _backend_tests(session, "onnx", "tests/backends/test_onnx_node.py")
 
 
 @nox.session(name="tests-combined", python=PYTHON)
@@ -144,6 +214,21 @@ def tests_combined(session: nox.Session) -> None:
         "pytest", *INTERCHANGE_TESTS["tf"], *INTERCHANGE_TESTS["flax"], "tests/docs", *session.posargs
     )
     session.run("multires", "compare", "resnet18", "--input", "2,3,64,64", "--backends", "torch,tf,flax,onnx")
+
+
+@nox.session(name="tests-flax-oldest", python=PYTHON)
+def tests_flax_oldest(session: nox.Session) -> None:
+    """The Flax backend on the oldest JAX, Flax and Optax of the `flax` extra's range."""
+    _install(session, *OLDEST["flax"])
+    session.run(
+        "pytest",
+        "tests/conformance",
+        "tests/backends/test_flax.py",
+        *INTERCHANGE_TESTS["flax"],
+        "--backend",
+        "flax",
+        *session.posargs,
+    )
 
 
 def _bench(session: nox.Session, script: str, *pins: str) -> None:
@@ -177,8 +262,14 @@ def bench_mxnet(session: nox.Session) -> None:
 
 @nox.session(name="bench-onnx", python=PYTHON)
 def bench_onnx(session: nox.Session) -> None:
-    """onnxruntime vs the PyTorch backend on the same model and weights."""
+    """onnxruntime vs the PyTorch backend on the same model and weights, as built and BN-folded."""
     _bench(session, "bench_onnx.py", *PINS["onnx"], *PINS["torch"])
+
+
+@nox.session(name="bench-peers", python=PYTHON)
+def bench_peers(session: nox.Session) -> None:
+    """multires vs Keras 3's keras.applications.ResNet50 on torch, JAX and TensorFlow (a process each)."""
+    _bench(session, "bench_peers.py", *PINS["torch"], *PINS["tf"], *PINS["flax"])
 
 
 @nox.session(name="bench-train", python=PYTHON)

@@ -33,11 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from common import (
+    Peak,
     Row,
     benchmark_parser,
-    compare,
     compare_columns,
+    folded_rows,
     format_table,
+    gemm_peak,
     interleave,
     time_calls,
     write_json,
@@ -45,6 +47,7 @@ from common import (
 
 import multires
 from multires import reference
+from multires.passes import fold_batchnorm
 from multires.weights import to_variables
 
 # --------------------------------------------------------------------------------------------
@@ -253,29 +256,37 @@ COLUMNS = [
     ("input", "input (NHWC)", ""),
     ("mode", "mode", ""),
     ("precision", "precision", ""),
-    *compare_columns(),
+    *compare_columns(peak=True),
 ]
 
 
-def bench(case: Case, batch: int, size: int, rounds: int, calls: int, precision: str) -> list[Row]:
-    """Rows of images/s for `case`, the two models timed alternately in each round."""
+def bench(
+    case: Case, batch: int, size: int, rounds: int, calls: int, precision: str, peak: Peak, modes: list[str]
+) -> list[Row]:
+    """Rows of images/s for `case`, the models timed alternately in each round; inference also with
+    BatchNorm folded (`multires.passes.fold_batchnorm`). `peak`: the GEMM peak of the peak fractions."""
     graph = multires.spec(case.model)
-    variables = to_variables(multires.init_weights(graph, seed=0), graph)
+    weights = multires.random_weights(graph, seed=0)
+    variables = to_variables(weights, graph)
+    folded_graph, folded_weights = fold_batchnorm(graph, weights)
     jax_precision = None if precision == "default" else precision
     ours = multires.get_backend("flax").build(graph, "NHWC", precision=jax_precision)
+    folded = multires.get_backend("flax").build(folded_graph, "NHWC", precision=jax_precision)
     hand = case.hand(precision=jax_precision)
+    macs = (multires.macs(graph, (1, case.channels, size, size)), peak)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, size, size, case.channels)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, case.classes, size=batch))
     runners = {
         "multires": Runner(ours, variables, x, labels),
         "handwritten": Runner(hand, variables, x, labels),
+        "folded": Runner(folded, to_variables(folded_weights, folded_graph), x, labels),
     }
     hand_tree = jax.eval_shape(hand.init, jax.random.key(0), x)
     if jax.tree.structure(hand_tree) != jax.tree.structure(variables):
         raise SystemExit(f"{case.model}: the hand-written model's variables are not the canonical tree.")
     outputs = {k: np.asarray(t.infer(t.variables, x)) for k, t in runners.items()}
-    error = reference.relative_error(outputs["multires"], outputs["handwritten"])
+    error = max(reference.relative_error(outputs[k], outputs["handwritten"]) for k in ("multires", "folded"))
     print(
         f"{case.model} {size}x{size}: multires vs hand-written outputs, relative error {error:.1e}",
         flush=True,
@@ -287,19 +298,20 @@ def bench(case: Case, batch: int, size: int, rounds: int, calls: int, precision:
         jax.block_until_ready([runner.out for runner in runners.values()])
 
     rows = []
-    for mode in ("inference", "train_step"):
-        candidates = {name: getattr(runner, mode) for name, runner in runners.items()}
+    for mode in modes:
+        names = list(runners) if mode == "inference" else ["multires", "handwritten"]
+        candidates = {name: getattr(runners[name], mode) for name in names}
         first = {name: time_calls(call, 1, sync)[0] for name, call in candidates.items()}  # compile
         timings = interleave(candidates, rounds, calls, warmup=0, sync=sync)
-        row = {
+        fields = {
             "model": case.model,
             "input": f"{batch}x{size}x{size}x{case.channels}",
             "mode": mode,
             "precision": precision,
-            **compare(timings, first, batch),
         }
-        print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
-        rows.append(row)
+        for row in folded_rows(timings, first, batch, fields, "mode", peak=macs):
+            print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+            rows.append(row)
     return rows
 
 
@@ -319,12 +331,16 @@ def main(argv: list[str] | None = None) -> int:
         f"JAX {jax.__version__}, Flax {flax.__version__}, optax {optax.__version__}, devices: {devices}, "
         f"{os.cpu_count()} CPUs, precision {args.precision}"
     )
+    peak = gemm_peak()
+    print(f"float32 GEMM peak (NumPy matmul 2048, all cores): {peak}", flush=True)
     rows = []
     for name in args.models:
         case = CASES[name]
-        rows += bench(case, batch, 64 if args.quick else case.size, rounds, calls, args.precision)
+        size = 64 if args.quick else case.size
+        rows += bench(case, batch, size, rounds, calls, args.precision, peak, args.modes)
     print("\nmultires vs hand-written Flax; ratio = multires / hand-written (target >= 0.97):")
     print(format_table(rows, COLUMNS))
+    print(peak.footnote())
     if args.json:
         write_json(
             args.json,
@@ -333,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             flax=flax.__version__,
             optax=optax.__version__,
             devices=devices,
+            gemm_peak=vars(peak),
         )
     return 0
 

@@ -39,11 +39,13 @@ from typing import Any
 import mxnet as mx
 import numpy as np
 from common import (
+    Peak,
     Row,
     benchmark_parser,
-    compare,
     compare_columns,
+    folded_rows,
     format_table,
+    gemm_peak,
     interleave,
     time_calls,
     write_json,
@@ -212,47 +214,53 @@ COLUMNS = [
     ("input", "input (NCHW)", ""),
     ("mode", "mode", ""),
     ("variant", "variant", ""),
-    *compare_columns(),
+    *compare_columns(peak=True),
 ]
 
 
-def bench(case: Case, batch: int, size: int, rounds: int, calls: int, optimizer: str) -> list[Row]:
-    """Rows of images/s for `case`, the two models timed alternately in each round."""
+def bench(
+    case: Case, batch: int, size: int, rounds: int, calls: int, optimizer: str, peak: Peak, modes: list[str]
+) -> list[Row]:
+    """Rows of images/s for `case`, the models timed alternately in each round; inference also with
+    BatchNorm folded (`inference=True`). `peak`: the GEMM peak of the peak fractions."""
     graph = multires.spec(case.model)
-    weights = multires.init_weights(graph, seed=0)
+    weights = multires.random_weights(graph, seed=0)
     ours = mxb.load_weights(mxb.build(graph, initialize=False), weights)
+    folded = multires.build(graph, backend="mxnet", weights=weights, inference=True)
+    macs = (multires.macs(graph, (1, case.channels, size, size)), peak)
     hand = case.hand()
     load_canonical(hand, graph, weights)
     rng = np.random.default_rng(0)
     x = nd.array(rng.normal(size=(batch, case.channels, size, size)).astype(np.float32))
     labels = nd.array(rng.integers(0, case.classes, size=batch))
-    error = reference.relative_error(ours(x).asnumpy(), hand(x).asnumpy())
+    expected = hand(x).asnumpy()
+    error = max(reference.relative_error(m(x).asnumpy(), expected) for m in (ours, folded))
     print(
         f"{case.model} {size}x{size}: multires vs hand-written outputs, relative error {error:.1e}",
         flush=True,
     )
     if error > 1e-4:
         raise SystemExit(f"{case.model}: the hand-written model computes something else (error {error:.1e}).")
-    models = {"multires": ours, "handwritten": hand}
+    models = {"multires": ours, "handwritten": hand, "folded": folded}
     functions = {name: _step_functions(model, optimizer) for name, model in models.items()}
     rows = []
-    for mode in ("inference", "train_step"):
+    for mode in modes:
         static = mode == "inference"
-        for model in models.values():
-            model.hybridize(static_alloc=static, static_shape=static)
-        candidates = {name: partial(f[mode], x, labels) for name, f in functions.items()}
+        names = list(models) if static else ["multires", "handwritten"]
+        for name in names:
+            models[name].hybridize(static_alloc=static, static_shape=static)
+        candidates = {name: partial(functions[name][mode], x, labels) for name in names}
         first = {name: time_calls(call, 1, nd.waitall)[0] for name, call in candidates.items()}
         timings = interleave(candidates, rounds, calls, warmup=0, sync=nd.waitall)
-        variant = "hybridized, static" if static else "hybridized"
-        row = {
+        fields = {
             "model": case.model,
             "input": f"{batch}x{case.channels}x{size}x{size}",
             "mode": mode,
-            "variant": variant,
-            **compare(timings, first, batch),
+            "variant": "hybridized, static" if static else "hybridized",
         }
-        print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
-        rows.append(row)
+        for row in folded_rows(timings, first, batch, fields, "variant", peak=macs):
+            print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+            rows.append(row)
     return rows
 
 
@@ -270,12 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     mkldnn = "on" if features.is_enabled("MKLDNN") else "off"
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"MXNet {mx.__version__} (MKLDNN {mkldnn}), {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}")
+    peak = gemm_peak()
+    print(f"float32 GEMM peak (NumPy matmul 2048, all cores): {peak}", flush=True)
     rows = []
     for name in args.models:
         case = CASES[name]
-        rows += bench(case, batch, 64 if args.quick else case.size, rounds, calls, args.optimizer)
+        size = 64 if args.quick else case.size
+        rows += bench(case, batch, size, rounds, calls, args.optimizer, peak, args.modes)
     print("\nmultires vs hand-written Gluon; ratio = multires / hand-written (target >= 0.97):")
     print(format_table(rows, COLUMNS))
+    print(peak.footnote())
     if args.json:
         write_json(
             args.json,
@@ -284,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             mkldnn=mkldnn,
             omp_num_threads=threads,
             optimizer=args.optimizer,
+            gemm_peak=vars(peak),
         )
     return 0
 

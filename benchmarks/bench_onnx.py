@@ -4,7 +4,8 @@ model built by the multires PyTorch backend, with the same canonical weights.
 For `resnet50` at 224x224 and `d2l_resnet18` at 96x96 (batch 64), in one process and interleaved
 round by round (so machine noise hits both alike): onnxruntime's CPU session with full graph
 optimisation against the torch model in eval mode under `torch.inference_mode()`, both on the
-same number of threads. The outputs are checked to agree before timing. Prints images/s and the
+same number of threads, each also with BatchNorm folded (`multires.passes.fold_batchnorm`). The
+outputs are checked to agree before timing. Prints images/s and the
 ratio onnxruntime / PyTorch, by wall clock and per CPU-second of the process (on a shared machine
 the wall clock also measures the neighbours; see common.py), and the seconds of each first call.
 
@@ -21,11 +22,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from common import (
+    Peak,
     Row,
+    as_subject,
     benchmark_parser,
     compare,
     compare_columns,
     format_table,
+    gemm_peak,
     interleave,
     time_calls,
     write_json,
@@ -33,6 +37,7 @@ from common import (
 
 import multires
 from multires import reference
+from multires.passes import fold_batchnorm
 
 CASES = {"resnet50": 224, "d2l_resnet18": 96}
 """Zoo model -> image size."""
@@ -43,49 +48,57 @@ COLUMNS = [
     ("input", "input (NCHW)", ""),
     ("mode", "mode", ""),
     ("threads", "threads", "d"),
-    *compare_columns("onnxruntime", "torch", ("onnxruntime", "torch"), first=".2f"),
+    *compare_columns("onnxruntime", "torch", ("onnxruntime", "torch"), first=".2f", peak=True),
 ]
 
 
-def bench(model: str, batch: int, size: int, rounds: int, calls: int, threads: int) -> Row:
-    """One row: images/s of both runtimes on `model`, timed alternately in each round."""
+def bench(model: str, batch: int, size: int, rounds: int, calls: int, threads: int, peak: Peak) -> list[Row]:
+    """Two rows, as built and with BatchNorm folded: images/s of both runtimes on `model`, all four
+    timed alternately in each round; `peak` is the GEMM peak of the peak fractions."""
     graph = multires.spec(model)
     weights = multires.random_weights(graph, seed=0)
     onnx_backend = multires.get_backend("onnx")
-    session = onnx_backend.inference_session(onnx_backend.build(graph, "NCHW", weights), threads=threads)
-    net = multires.build(graph, backend="torch", weights=weights).eval()
     channels = graph.inputs[0].channels
     x = np.random.default_rng(0).standard_normal((batch, channels, size, size)).astype(np.float32)
     x_torch = torch.from_numpy(x)
     feed = {graph.inputs[0].name: x}
+    candidates = {}
+    for suffix, (g, w) in {"": (graph, weights), "_folded": fold_batchnorm(graph, weights)}.items():
+        session = onnx_backend.inference_session(onnx_backend.build(g, "NCHW", w), threads=threads)
+        net = multires.build(g, backend="torch", weights=w).eval()
+        candidates[f"onnxruntime{suffix}"] = lambda session=session: session.run(None, feed)[0]
 
-    def run_onnx() -> np.ndarray:
-        return session.run(None, feed)[0]
+        def run_torch(net: torch.nn.Module = net) -> np.ndarray:
+            with torch.inference_mode():
+                return net(x_torch).numpy()
 
-    def run_torch() -> torch.Tensor:
-        with torch.inference_mode():
-            return net(x_torch)
-
-    candidates = {"onnxruntime": run_onnx, "torch": run_torch}
+        candidates[f"torch{suffix}"] = run_torch
     first = {name: time_calls(call, 1)[0] for name, call in candidates.items()}
-    error = reference.relative_error(run_onnx(), run_torch().numpy())
+    outputs = {name: call() for name, call in candidates.items()}
+    error = max(reference.relative_error(y, outputs["torch"]) for y in outputs.values())
     print(f"{model} {size}x{size}: onnxruntime vs torch outputs, relative error {error:.1e}", flush=True)
     if error > 1e-4:
         raise SystemExit(f"{model}: onnxruntime and torch disagree (relative error {error:.1e}).")
     timings = interleave(candidates, rounds, calls, warmup=0)
-    row = {
-        "model": model,
-        "input": f"{batch}x{channels}x{size}x{size}",
-        "mode": "inference",
-        "threads": threads,
-        **compare(timings, first, batch, subject="onnxruntime", baseline="torch"),
-    }
-    print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
-    return row
+    macs = (multires.macs(graph, (1, channels, size, size)), peak)
+    rows = []
+    for suffix, mode in (("", "inference"), ("_folded", "inference, BN folded")):
+        pair = [as_subject(m, f"onnxruntime{suffix}", "onnxruntime") for m in (timings, first)]
+        pair = [as_subject(m, f"torch{suffix}", "torch") for m in pair]
+        row = {
+            "model": model,
+            "input": f"{batch}x{channels}x{size}x{size}",
+            "mode": mode,
+            "threads": threads,
+            **compare(*pair, batch, subject="onnxruntime", baseline="torch", peak=macs),
+        }
+        print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = benchmark_parser(__doc__, list(CASES), rounds=5, calls=3)
+    parser = benchmark_parser(__doc__, list(CASES), rounds=5, calls=3, modes=False)
     parser.add_argument(
         "--threads",
         type=int,
@@ -100,14 +113,24 @@ def main(argv: list[str] | None = None) -> int:
         f"onnxruntime {ort.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
         f"{args.threads} threads, ONNX opset {opset}"
     )
-    rows = [
-        bench(name, batch, 64 if args.quick else CASES[name], rounds, calls, args.threads)
-        for name in args.models
-    ]
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    peak = gemm_peak(lambda: torch.mm(a, b))
+    print(f"float32 GEMM peak (torch.mm 2048, {args.threads} threads): {peak}", flush=True)
+    rows = []
+    for name in args.models:
+        rows += bench(name, batch, 64 if args.quick else CASES[name], rounds, calls, args.threads, peak)
     print("\nratio onnxruntime / PyTorch (inference, images/s):")
     print(format_table(rows, COLUMNS))
+    print(peak.footnote())
     if args.json:
-        write_json(args.json, rows, onnxruntime=ort.__version__, torch=torch.__version__, opset=opset)
+        write_json(
+            args.json,
+            rows,
+            onnxruntime=ort.__version__,
+            torch=torch.__version__,
+            opset=opset,
+            gemm_peak=vars(peak),
+        )
     return 0
 
 

@@ -30,7 +30,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from common import Row, benchmark_parser, compare, format_table, interleave, time_calls, write_json  # noqa: E402
+from common import (  # noqa: E402
+    Peak,
+    Row,
+    benchmark_parser,
+    compare_columns,
+    folded_rows,
+    format_table,
+    gemm_peak,
+    interleave,
+    time_calls,
+    write_json,
+)
 from keras import layers  # noqa: E402
 
 import multires  # noqa: E402
@@ -133,28 +144,33 @@ COLUMNS = [
     ("input", "input (NHWC)", ""),
     ("mode", "mode", ""),
     ("variant", "variant", ""),
-    ("handwritten", "hand-written img/s", ".1f"),
-    ("multires", "multires img/s", ".1f"),
-    ("ratio", "ratio", ".3f"),
-    ("handwritten_cpu", "hand-written img/CPU-s", ".2f"),
-    ("multires_cpu", "multires img/CPU-s", ".2f"),
-    ("cpu_ratio", "CPU ratio", ".3f"),
-    ("handwritten_first_s", "hand-written 1st call s", ".1f"),
-    ("multires_first_s", "multires 1st call s", ".1f"),
+    *compare_columns(peak=True),
 ]
 
 
-def bench(case: Case, batch: int, size: int, rounds: int, calls: int, jit_modes: list[bool]) -> list[Row]:
-    """Rows for `case`: each function of the two models timed alternately, round by round."""
+def bench(
+    case: Case,
+    batch: int,
+    size: int,
+    rounds: int,
+    calls: int,
+    jit_modes: list[bool],
+    peak: Peak,
+    modes: list[str],
+) -> list[Row]:
+    """Rows for `case`: each function of the models timed alternately, round by round; inference
+    also with BatchNorm folded (`inference=True`). `peak` is the GEMM peak of the peak fractions."""
     graph = multires.spec(case.model)
-    weights = multires.init_weights(graph, seed=0)
+    weights = multires.random_weights(graph, seed=0)
     models = {"multires": multires.build(graph, backend="tf", weights=weights)}
     models["handwritten"] = tfb.load_weights(case.hand(size), weights)
+    models["folded"] = multires.build(graph, backend="tf", weights=weights, inference=True)
+    macs = (multires.macs(graph, (1, case.channels, size, size)), peak)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(batch, size, size, case.channels)).astype(np.float32))
     labels = tf.constant(rng.integers(0, case.classes, size=batch))
-    outputs = [model(x, training=False).numpy() for model in models.values()]
-    error = reference.relative_error(*outputs)
+    outputs = {name: model(x, training=False).numpy() for name, model in models.items()}
+    error = max(reference.relative_error(outputs[k], outputs["handwritten"]) for k in ("multires", "folded"))
     print(
         f"{case.model} {size}x{size}: multires vs hand-written outputs, relative error {error:.1e}",
         flush=True,
@@ -164,19 +180,20 @@ def bench(case: Case, batch: int, size: int, rounds: int, calls: int, jit_modes:
     rows = []
     for jit in jit_modes:
         functions = {name: _step_functions(model, jit) for name, model in models.items()}
-        for mode in ("inference", "train_step"):
-            candidates = {name: _call(f[mode], x, labels) for name, f in functions.items()}
+        for mode in modes:
+            names = list(functions) if mode == "inference" else ["multires", "handwritten"]
+            candidates = {name: _call(functions[name][mode], x, labels) for name in names}
             first = {name: time_calls(call, 1)[0] for name, call in candidates.items()}  # trace, compile
             timings = interleave(candidates, rounds, calls, warmup=0)
-            row = {
+            fields = {
                 "model": case.model,
                 "input": f"{batch}x{size}x{size}x{case.channels}",
                 "mode": mode,
                 "variant": "xla" if jit else "graph",
-                **compare(timings, first, batch),
             }
-            print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
-            rows.append(row)
+            for row in folded_rows(timings, first, batch, fields, "variant", peak=macs):
+                print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+                rows.append(row)
     return rows
 
 
@@ -197,14 +214,26 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: {devices}, {os.cpu_count()} CPUs"
     )
+    peak = gemm_peak()
+    print(f"float32 GEMM peak (NumPy matmul 2048, all cores): {peak}", flush=True)
     rows = []
     for name in args.models:
         case = CASES[name]
-        rows += bench(case, batch, 32 if args.quick else case.size, rounds, calls, jit_modes)
+        rows += bench(
+            case, batch, 32 if args.quick else case.size, rounds, calls, jit_modes, peak, args.modes
+        )
     print("\nmultires vs hand-written Keras; ratio = multires / hand-written (target >= 0.97):")
     print(format_table(rows, COLUMNS))
+    print(peak.footnote())
     if args.json:
-        write_json(args.json, rows, tensorflow=tf.__version__, keras=keras.__version__, devices=devices)
+        write_json(
+            args.json,
+            rows,
+            tensorflow=tf.__version__,
+            keras=keras.__version__,
+            devices=devices,
+            gemm_peak=vars(peak),
+        )
     return 0
 
 

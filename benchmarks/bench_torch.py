@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import format_table, interleave, write_json
-from multires.backends.torch import CHECKPOINT_RENAMES, from_state_dict, load_weights
+from common import MODES, Peak, as_subject, format_table, gemm_peak, interleave, peak_fraction, write_json
+from multires.backends.torch import CHECKPOINT_RENAMES, export_weights, from_state_dict, load_weights
 from torch import nn
 
 import multires
@@ -192,6 +192,8 @@ class Row:
     handwritten_cpu: float
     multires_cpu: float
     cpu_ratio: float
+    handwritten_peak: float
+    multires_peak: float
 
 
 def _randomise_batchnorm(model: nn.Module) -> nn.Module:
@@ -207,24 +209,26 @@ def _randomise_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def _pair(case: Case) -> tuple[nn.Module, nn.Module]:
-    """The hand-written model and the multires-built one with the same weights."""
+def _models(case: Case) -> dict[str, nn.Module]:
+    """The hand-written model, the multires-built one with the same weights, and the multires one
+    built for inference (BatchNorm folded into the convolutions)."""
     torch.manual_seed(0)
     handwritten = _randomise_batchnorm(case.handwritten())
     graph = multires.spec(case.name)
     ours = multires.build(graph, backend="torch")
     load_weights(ours, from_state_dict(handwritten.state_dict(), CHECKPOINT_RENAMES[case.checkpoint]))
-    return handwritten, ours
+    folded = multires.build(graph, backend="torch", weights=export_weights(ours), inference=True)
+    return {"handwritten": handwritten, "multires": ours, "folded": folded}
 
 
-def _check_equal(handwritten: nn.Module, ours: nn.Module, x: torch.Tensor, what: str) -> None:
-    handwritten.eval()
-    ours.eval()
+def _check_equal(models: dict[str, nn.Module], x: torch.Tensor, what: str) -> None:
     with torch.inference_mode():
-        expected, got = handwritten(x), ours(x)
-    error = float((got - expected).abs().max() / expected.abs().max())
-    if not error <= 1e-5:
-        raise SystemExit(f"{what}: multires and hand-written outputs differ (relative error {error:.2e})")
+        outputs = {name: model.eval()(x) for name, model in models.items()}
+    expected = outputs["handwritten"]
+    for name in ("multires", "folded"):
+        error = float((outputs[name] - expected).abs().max() / expected.abs().max())
+        if not error <= 1e-5:
+            raise SystemExit(f"{what}: {name} and hand-written outputs differ (relative error {error:.2e})")
 
 
 def _inference(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
@@ -249,27 +253,38 @@ def _training(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> Callab
 
 
 def bench(
-    case: Case, batch: int, size: int, variants: list[str], rounds: int, calls: int, warmup: int
+    case: Case,
+    batch: int,
+    size: int,
+    variants: list[str],
+    rounds: int,
+    calls: int,
+    warmup: int,
+    peak: Peak,
+    modes: list[str],
 ) -> list[Row]:
-    """The rows of one model: inference and training in each variant."""
+    """The rows of one model: inference (also BatchNorm folded) and training in each variant;
+    `peak` is the GEMM peak the rows' peak fractions refer to."""
+    macs = multires.macs(multires.spec(case.name), (1, case.channels, size, size))
     rows = []
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(batch, case.channels, size, size, generator=generator)
     labels = torch.randint(0, case.classes, (batch,), generator=generator)
     for variant in variants:
-        handwritten, ours = _pair(case)
+        built = _models(case)
         inputs = x
         if variant in ("channels_last", "channels_last+compile"):
-            handwritten = handwritten.to(memory_format=torch.channels_last)
-            ours = ours.to(memory_format=torch.channels_last)
+            built = {k: m.to(memory_format=torch.channels_last) for k, m in built.items()}
             inputs = x.to(memory_format=torch.channels_last)
-        _check_equal(handwritten, ours, inputs, f"{case.name} ({variant})")
-        for mode in ("inference", "training"):
-            models = {"handwritten": handwritten, "multires": ours}
+        _check_equal(built, inputs, f"{case.name} ({variant})")
+        for mode in modes:
+            models = (
+                dict(built) if mode == "inference" else {k: built[k] for k in ("handwritten", "multires")}
+            )
             if variant == "channels_last+compile":
                 models = {k: torch.compile(m) for k, m in models.items()}
             for model in models.values():
-                model.train(mode == "training")
+                model.train(mode == "train_step")
             make = _inference if mode == "inference" else _training
             candidates = {
                 k: make(m, inputs) if mode == "inference" else make(m, inputs, labels)
@@ -280,21 +295,24 @@ def bench(
             extra = 2 if variant == "channels_last+compile" else 0
             timings = interleave(candidates, rounds=rounds, calls=calls, warmup=warmup + extra)
             print(f"  {case.name} {mode} {variant}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
-            hw, mr = timings["handwritten"], timings["multires"]
-            rows.append(
-                Row(
-                    model=case.name,
-                    input=f"{batch}x{case.channels}x{size}x{size}",
-                    mode=mode,
-                    variant=variant,
-                    handwritten=hw.rate(batch),
-                    multires=mr.rate(batch),
-                    ratio=mr.rate(batch) / hw.rate(batch),
-                    handwritten_cpu=hw.rate(batch, "cpu"),
-                    multires_cpu=mr.rate(batch, "cpu"),
-                    cpu_ratio=mr.rate(batch, "cpu") / hw.rate(batch, "cpu"),
+            for subject in [name for name in ("multires", "folded") if name in timings]:
+                hw, mr = timings["handwritten"], as_subject(timings, subject)["multires"]
+                rows.append(
+                    Row(
+                        model=case.name,
+                        input=f"{batch}x{case.channels}x{size}x{size}",
+                        mode=mode,
+                        variant=variant if subject == "multires" else f"{variant}, BN folded",
+                        handwritten=hw.rate(batch),
+                        multires=mr.rate(batch),
+                        ratio=mr.rate(batch) / hw.rate(batch),
+                        handwritten_cpu=hw.rate(batch, "cpu"),
+                        multires_cpu=mr.rate(batch, "cpu"),
+                        cpu_ratio=mr.rate(batch, "cpu") / hw.rate(batch, "cpu"),
+                        handwritten_peak=peak_fraction(hw.rate(batch, "cpu"), macs, peak),
+                        multires_peak=peak_fraction(mr.rate(batch, "cpu"), macs, peak),
+                    )
                 )
-            )
     return rows
 
 
@@ -309,6 +327,8 @@ COLUMNS = [
     ("handwritten_cpu", "hand-written img/CPU-s", ".2f"),
     ("multires_cpu", "multires img/CPU-s", ".2f"),
     ("cpu_ratio", "CPU ratio", ".3f"),
+    ("handwritten_peak", "hand-written peak", ".0%"),
+    ("multires_peak", "multires peak", ".0%"),
 ]
 
 
@@ -335,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         help="CI smoke run: batch 4, images a third the size, 3 rounds after 3 warm-up calls",
     )
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to time")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -349,14 +370,28 @@ def main(argv: list[str] | None = None) -> int:
         f"{rounds} rounds x {args.calls} call(s), variants {variants}",
         file=sys.stderr,
     )
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    peak = gemm_peak(lambda: torch.mm(a, b))
+    print(
+        f"float32 GEMM peak (torch.mm 2048, {torch.get_num_threads()} threads): {peak}",
+        file=sys.stderr,
+    )
     rows = []
     for name in args.models:
         case = CASES[name]
         size = case.size // 3 if args.quick else case.size
-        rows += bench(case, batch, size, variants, rounds, args.calls, warmup)
+        rows += bench(case, batch, size, variants, rounds, args.calls, warmup, peak, args.modes)
     print(format_table([r.__dict__ for r in rows], COLUMNS))
+    print(peak.footnote())
     if args.json:
-        write_json(args.json, rows, torch=torch.__version__, threads=torch.get_num_threads(), batch=batch)
+        write_json(
+            args.json,
+            rows,
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            batch=batch,
+            gemm_peak=vars(peak),
+        )
     return 0
 
 

@@ -19,6 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+MODES = ("inference", "train_step")
+"""What a benchmark times: eval-mode inference and one training step."""
+
 Row = dict[str, Any]
 """A table row: column key -> value (`format_table` columns, `write_json` rows)."""
 
@@ -71,20 +76,71 @@ def interleave(
     return timings
 
 
+@dataclass(frozen=True)
+class Peak:
+    """The float32 GEMM rate: GFLOP per second of wall clock and per CPU-second of the process."""
+
+    wall: float
+    cpu: float
+
+    def __str__(self) -> str:
+        return f"{self.wall:.0f} GFLOP/s, {self.cpu:.0f} GFLOP per CPU-second"
+
+    def footnote(self) -> str:
+        """The line under a table that says what its `peak` columns are."""
+        return (
+            f"peak = fraction of the float32 GEMM peak measured at the start of this run ({self}), by CPU "
+            "time: 2 x MACs x images per CPU-second / GEMM flops per CPU-second"
+        )
+
+
+def gemm_peak(multiply: Callable[[], Any] | None = None, n: int = 2048, repeats: int = 8) -> Peak:
+    """The machine's float32 GEMM peak: the best of `repeats` timed `n x n @ n x n` products
+    (`2 n^3` flops each), the yardstick every row's `peak` fraction is measured against.
+    `multiply` computes one such product and waits for it (default: NumPy, whose BLAS uses every
+    core; a script passes its framework's matmul, e.g. torch on 2 threads). Measured at the start
+    of each run, since a shared machine's rate changes from run to run; the rows compare CPU-time
+    rates with `Peak.cpu`, which neighbours on a busy machine disturb far less than the wall clock."""
+    if multiply is None:
+        rng = np.random.default_rng(0)
+        a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+
+        def multiply() -> Any:
+            return a @ b
+
+    multiply()
+    wall, cpu = zip(*(time_calls(multiply, 1) for _ in range(repeats)), strict=True)
+    return Peak(2 * n**3 / min(wall) / 1e9, 2 * n**3 / min(cpu) / 1e9)
+
+
+def peak_fraction(cpu_rate: float, macs_per_item: int, peak: Peak) -> float:
+    """The fraction of the GEMM peak that `cpu_rate` items per CPU-second of `macs_per_item`
+    multiply-accumulates (2 flops each) reach (on an idle machine the wall-clock fraction)."""
+    return 2 * macs_per_item * cpu_rate / 1e9 / peak.cpu
+
+
+def as_subject(mapping: Mapping[str, Any], name: str, subject: str = "multires") -> dict[str, Any]:
+    """`mapping` (timings, first-call seconds) with candidate `name` in the role of `subject`, so a
+    variant timed in the same rounds (e.g. BatchNorm folded) gets a row with the same columns."""
+    return {**mapping, subject: mapping[name]}
+
+
 def compare(
     timings: Mapping[str, Timing],
     first: Mapping[str, float],
     items: int,
     subject: str = "multires",
     baseline: str = "handwritten",
+    peak: tuple[int, Peak] | None = None,
 ) -> dict[str, float]:
     """The measured fields of a row that compares `subject` with `baseline`: items/s of each by wall
     clock (keyed by their names) and per CPU-second (`{name}_cpu`), the ratios subject / baseline
     (`ratio`, `cpu_ratio`), and the seconds of each one's first call (`{name}_first_s`, from
-    `first`: tracing and compiling, where there are any)."""
+    `first`: tracing and compiling, where there are any). With `peak` = (MACs per item, `Peak`),
+    also each one's fraction of that peak, by CPU time (`{name}_peak`, see `peak_fraction`)."""
     wall = {name: timings[name].rate(items) for name in (baseline, subject)}
     cpu = {name: timings[name].rate(items, "cpu") for name in (baseline, subject)}
-    return {
+    fields = {
         baseline: wall[baseline],
         subject: wall[subject],
         "ratio": wall[subject] / wall[baseline],
@@ -94,6 +150,30 @@ def compare(
         f"{baseline}_first_s": first[baseline],
         f"{subject}_first_s": first[subject],
     }
+    if peak is not None:
+        for name in (baseline, subject):
+            fields[f"{name}_peak"] = peak_fraction(cpu[name], *peak)
+    return fields
+
+
+def folded_rows(
+    timings: Mapping[str, Timing],
+    first: Mapping[str, float],
+    items: int,
+    row: Mapping[str, Any],
+    key: str,
+    peak: tuple[int, Peak] | None = None,
+) -> list[Row]:
+    """`compare`'s rows for the multires candidates timed in the same rounds: `multires` (as built)
+    and, where it was timed, `folded` (BatchNorm folded), each against `handwritten`. `row` holds
+    the identifying fields; the folded row's field `key` gets ", BN folded"."""
+    rows = []
+    for subject in [name for name in ("multires", "folded") if name in timings]:
+        label = {**row, key: row[key] if subject == "multires" else f"{row[key]}, BN folded"}
+        rows.append(
+            {**label, **compare(as_subject(timings, subject), as_subject(first, subject), items, peak=peak)}
+        )
+    return rows
 
 
 def compare_columns(
@@ -101,14 +181,18 @@ def compare_columns(
     baseline: str = "handwritten",
     labels: tuple[str, str] = ("multires", "hand-written"),
     first: str = ".1f",
+    peak: bool = False,
 ) -> list[tuple[str, str, str]]:
     """The `format_table` columns of `compare`'s fields, rates in images/s; `labels` name subject
-    and baseline in the headers, `first` formats the first-call seconds."""
+    and baseline in the headers, `first` formats the first-call seconds, `peak` adds the fractions
+    of the GEMM peak."""
     ours, theirs = labels
+    fractions = [(f"{baseline}_peak", f"{theirs} peak", ".0%"), (f"{subject}_peak", f"{ours} peak", ".0%")]
     return [
         (baseline, f"{theirs} img/s", ".1f"),
         (subject, f"{ours} img/s", ".1f"),
         ("ratio", "ratio", ".3f"),
+        *(fractions if peak else []),
         (f"{baseline}_cpu", f"{theirs} img/CPU-s", ".2f"),
         (f"{subject}_cpu", f"{ours} img/CPU-s", ".2f"),
         ("cpu_ratio", "CPU ratio", ".3f"),
@@ -145,10 +229,15 @@ def write_json(path: str | Path, rows: Sequence[Any], **meta: Any) -> None:
 
 
 def benchmark_parser(
-    doc: str, models: Sequence[str], rounds: int, calls: int, quick: str = "batch 4, 64x64 images, 1 round"
+    doc: str,
+    models: Sequence[str],
+    rounds: int,
+    calls: int,
+    quick: str = "batch 4, 64x64 images, 1 round",
+    modes: bool = True,
 ) -> argparse.ArgumentParser:
     """A parser with the options every benchmark takes (`--quick`, `--models`, `--batch`,
-    `--rounds`, `--calls`, `--json`); a script adds its own."""
+    `--rounds`, `--calls`, `--json`, and with `modes` also `--modes`); a script adds its own."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"CI smoke run: {quick}")
     parser.add_argument("--models", nargs="+", choices=sorted(models), default=list(models))
@@ -156,4 +245,8 @@ def benchmark_parser(
     parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds (median taken)")
     parser.add_argument("--calls", "--iters", type=int, default=calls, help="timed calls per round")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    if modes:
+        parser.add_argument(
+            "--modes", nargs="+", choices=MODES, default=list(MODES), help="what to time (default: both)"
+        )
     return parser

@@ -214,6 +214,7 @@ def build(
     backend: str = "torch",
     layout: str | None = None,
     weights: Any = None,
+    inference: bool = False,
     **options: Any,
 ) -> Any:
     """Build a native model of a zoo name (with `options`) or a Graph in `backend`.
@@ -221,7 +222,9 @@ def build(
     `layout` defaults to the backend's own (NCHW for torch and mxnet, NHWC for tf and flax);
     `weights` (a canonical mapping or a weight-file path) are loaded if given. A `.safetensors`
     file written by multires (e.g. by `multires convert`) carries its graph: pass its path as
-    `weights` with no graph, or as the graph itself.
+    `weights` with no graph, or as the graph itself. `inference=True` (which needs `weights`)
+    builds the graph after `multires.passes.fold_batchnorm`: the eval-mode function, faster, with
+    the BatchNorms folded into the convolutions and no batch statistics left to train.
     """
     from multires.weights import as_weights, file_graph
     from multires.zoo import spec
@@ -241,6 +244,15 @@ def build(
         name_or_graph = stored
     graph = spec(name_or_graph, **options) if isinstance(name_or_graph, str) else name_or_graph
     layout = resolve_layout(module, layout)
+    if inference:
+        if weights is None:
+            raise SpecError(
+                f"{graph.name}: inference=True folds BatchNorm into the convolutions, which needs the "
+                "weights; pass weights= (a canonical mapping or a weight file)."
+            )
+        from multires.passes import fold_batchnorm
+
+        graph, weights = fold_batchnorm(graph, as_weights(weights, graph))
     model = module.build(graph, layout)
     if weights is not None:
         model = module.load_weights(model, as_weights(weights, graph))

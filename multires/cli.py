@@ -145,7 +145,7 @@ def headline(description: str) -> str:
 @command("models", "list the model zoo with parameter counts", _models_arguments)
 def models_command(args: argparse.Namespace) -> int:
     """A table of zoo models with their parameter count at default options and description."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in models():
         graph = spec(name)
         try:
@@ -196,7 +196,7 @@ def summary_command(args: argparse.Namespace) -> int:
     graph = _zoo_graph(args.name, parse_options(args.option))
     if args.input is None:
         (first,) = graph.inputs
-        shape: Shape = to_layout((1, first.channels, 224, 224), layout)
+        shape: tuple[int, ...] = to_layout((1, first.channels, 224, 224), layout)
     else:
         shape = parse_shape(args.input)
     summary = summarize(graph, shape, layout)
@@ -431,9 +431,18 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_arguments(parser)
     add = parser.add_argument
     add("--format", default="onnx", choices=("onnx",), help="file format (default onnx)")
-    add("--weights", metavar="FILE", help="canonical weights (.safetensors or .npz); default: init_weights")
+    add(
+        "--weights",
+        metavar="FILE",
+        help="canonical weights (.safetensors or .npz); default: those of NAME's file, else init_weights",
+    )
     add("--seed", type=int, default=0, help="seed of init_weights when no --weights are given (default 0)")
     add("--layout", help="input layout of the exported model: NCHW or NHWC (default: the format's own)")
+    add(
+        "--fold-bn",
+        action="store_true",
+        help="fold eval-mode BatchNorm into the convolutions before export (inference only; faster)",
+    )
     add("-o", "--output", required=True, metavar="FILE", help="the file to write, e.g. model.onnx")
 
 
@@ -442,14 +451,23 @@ def export_command(args: argparse.Namespace) -> int:
     """Build the model in the format's backend with the given (or initial) weights and save it."""
     from multires.weights import init_weights, is_buffer, load_file
 
-    graph = _zoo_graph(args.name, parse_options(args.option))
-    weights = init_weights(graph, args.seed) if args.weights is None else load_file(args.weights, graph)
+    graph, stored = _graph_and_weights(args.name, parse_options(args.option))
+    if args.weights is not None:
+        weights, source = load_file(args.weights, graph), args.weights
+    elif stored is not None:
+        weights, source = stored, args.name
+    else:
+        weights, source = init_weights(graph, args.seed), f"init_weights(seed={args.seed})"
     module = registry.get_backend(args.format)
     layout = registry.resolve_layout(module, args.layout)
+    if args.fold_bn:
+        from multires.passes import fold_batchnorm
+
+        graph, weights = fold_batchnorm(graph, weights)
     path = module.save(registry.build(graph, args.format, layout, weights), args.output)
-    source = args.weights or f"init_weights(seed={args.seed})"
     params = sum(value.size for name, value in weights.items() if not is_buffer(name))
-    print(f"wrote {path}: {graph.name}, {layout} input, {params:,} parameters, weights {source}")
+    folded = ", BatchNorm folded" if args.fold_bn else ""
+    print(f"wrote {path}: {graph.name}, {layout} input, {params:,} parameters{folded}, weights {source}")
     return 0
 
 
@@ -528,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="multires",
         description="Define a residual network once; get the same native model in every framework.",
     )
+    from multires import __version__
+
+    parser.add_argument("--version", action="version", version=f"multires {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for entry in COMMANDS.values():
         entry.arguments(sub.add_parser(entry.name, help=entry.help, description=entry.help))

@@ -98,12 +98,16 @@ def conv2d(node: Conv2d, name: str, precision: Any) -> Layer:
     return layer
 
 
-def _batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-channel mean and biased variance over all but the last axis, in two passes (no
-    cancellation, unlike `E[x^2] - E[x]^2`)."""
+def _batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-channel mean, biased variance and `x - mean` over all but the last axis, as accurate
+    as float32 allows: one sample of each channel is subtracted first (exact for values near it,
+    so a channel far from zero loses no digits in the sum), then the mean of the differences is
+    taken, then the mean of their squared deviations (two passes, no `E[x^2] - E[x]^2`)."""
     axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axes)
-    return mean, jnp.mean(jnp.square(x - mean), axes)
+    sample = jax.lax.stop_gradient(x[(0,) * (x.ndim - 1)])
+    shift = jnp.mean(x - sample, axes)
+    centred = x - sample - shift
+    return sample + shift, jnp.mean(jnp.square(centred), axes), centred
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -120,18 +124,18 @@ def batch_normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: fl
 def _batch_normalize_forward(
     x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    mean, var = _batch_stats(x)
+    _, var, centred = _batch_stats(x)
     inv_std = jax.lax.rsqrt(var + epsilon)
-    return (x - mean) * (scale * inv_std) + bias, (x, mean, inv_std, scale)
+    return centred * (scale * inv_std) + bias, (centred, inv_std, scale)
 
 
 def _batch_normalize_backward(
     epsilon: float, saved: tuple[jax.Array, ...], grad: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    x, mean, inv_std, scale = saved
-    axes = tuple(range(x.ndim - 1))
-    count = x.size // x.shape[-1]
-    x_hat = (x - mean) * inv_std
+    centred, inv_std, scale = saved
+    axes = tuple(range(centred.ndim - 1))
+    count = centred.size // centred.shape[-1]
+    x_hat = centred * inv_std
     grad_bias = jnp.sum(grad, axes)
     grad_scale = jnp.sum(grad * x_hat, axes)
     grad_x = (scale * inv_std) * (grad - grad_bias / count - x_hat * (grad_scale / count))
@@ -142,11 +146,13 @@ batch_normalize.defvjp(_batch_normalize_forward, _batch_normalize_backward)
 
 
 class SpecBatchNorm(nn.Module):
-    """BatchNorm over the last axis with PyTorch's unbiased running variance.
+    """BatchNorm over the last axis with batch statistics as accurate as float32 allows
+    (`_batch_stats`; `flax.linen.BatchNorm` sums the raw values) and either running-variance
+    convention.
 
-    `flax.linen.BatchNorm` feeds the biased batch variance into the running variance (the spec's
-    `running_variance="biased"`); PyTorch feeds the unbiased one (normalisation uses the biased one
-    in both). `momentum` is Flax's convention, the weight of the old running value:
+    With `unbiased` (PyTorch's convention) the running variance takes `n / (n - 1)` times the
+    biased batch variance, otherwise the biased one (`flax.linen.BatchNorm`'s); normalisation
+    uses the biased one in both. `momentum` is Flax's convention, the weight of the old running value:
     `running = momentum * running + (1 - momentum) * batch` (the spec's momentum m becomes 1 - m).
     Variables are named as flax.linen's: `scale`, `bias` in params, `mean`, `var` in batch_stats.
     Running statistics update only when `batch_stats` is mutable and the module is not
@@ -155,6 +161,7 @@ class SpecBatchNorm(nn.Module):
 
     momentum: float = 0.9
     epsilon: float = 1e-5
+    unbiased: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -167,20 +174,19 @@ class SpecBatchNorm(nn.Module):
             return (x - running_mean.value) * (scale * jax.lax.rsqrt(running_var.value + self.epsilon)) + bias
         if not self.is_initializing():
             # The same statistics as batch_normalize computes (XLA computes them once).
-            mean, var = _batch_stats(jax.lax.stop_gradient(x))
+            mean, var, _ = _batch_stats(jax.lax.stop_gradient(x))
             count = x.size // x.shape[-1]
+            if self.unbiased:
+                var = var * (count / (count - 1))
             running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
-            running_var.value = self.momentum * running_var.value + (1 - self.momentum) * (
-                var * (count / (count - 1))
-            )
+            running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
         return batch_normalize(x, scale, bias, self.epsilon)
 
 
 @lowers(BatchNorm)
 def batchnorm(node: BatchNorm, name: str, precision: Any) -> Layer:
-    """Flax's momentum convention (1 - the spec's). The biased running variance is `nn.BatchNorm`
-    (its variance in two passes, as `SpecBatchNorm` and the reference take it, rather than its
-    default `E[x^2] - E[x]^2`, which cancels); the unbiased one is `SpecBatchNorm`."""
+    """`SpecBatchNorm` with Flax's momentum convention (1 - the spec's) and the node's
+    running-variance convention (its variables are `nn.BatchNorm`'s)."""
 
     def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
         (x,) = inputs
@@ -189,15 +195,10 @@ def batchnorm(node: BatchNorm, name: str, precision: Any) -> Layer:
                 f"{node.name} (BatchNorm): training mode needs more than one value per channel; got "
                 f"a batch of shape {x.shape} (NHWC). Use a larger batch or evaluation mode."
             )
-        if node.running_variance == "biased":
-            return nn.BatchNorm(
-                use_running_average=not train,
-                momentum=1 - node.momentum,
-                epsilon=node.eps,
-                use_fast_variance=False,
-                name=name,
-            )(x)
-        return SpecBatchNorm(momentum=1 - node.momentum, epsilon=node.eps, name=name)(x, train)
+        unbiased = node.running_variance == "unbiased"
+        return SpecBatchNorm(momentum=1 - node.momentum, epsilon=node.eps, unbiased=unbiased, name=name)(
+            x, train
+        )
 
     return layer
 

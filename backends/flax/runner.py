@@ -24,6 +24,7 @@ from multires.graph import Graph
 from multires.shapes import check_input_shape, from_layout, infer_shapes
 from multires.weights import as_weights, from_variables, is_buffer, to_variables
 
+from .. import input_array
 from .lowering import Model, build
 from .weights import Variables, export_weights
 
@@ -97,8 +98,9 @@ class FlaxRunner:
         return updated, opt_state, loss, logits
 
     def _input(self, x: np.ndarray) -> np.ndarray:
-        check_input_shape(self.graph, np.shape(x), self.layout)
-        return np.asarray(x, dtype=np.float32)
+        x = input_array(self.graph, x)
+        check_input_shape(self.graph, x.shape, self.layout)
+        return x
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         """Logits for a float32 batch in `layout`; training mode uses batch statistics and updates

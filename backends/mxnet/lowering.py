@@ -176,6 +176,12 @@ class BatchNorm2D(nn.BatchNorm):
     is the spec's. MXNet's own running-statistics update is disabled (it runs in backward with
     the biased variance); `GraphBlock` applies the spec's update from the returned statistics.
     MXNet's op reports the inverse standard deviation, so the variance is `inv_std^-2 - eps`.
+
+    With `shift` (set by `GraphBlock.forward` in training mode) the op normalises `x` less one
+    sample of each channel, and that sample is added back to the batch mean. The output is the
+    same, but the op's float32 sums then run over values near zero: over the raw values a
+    channel far from zero loses digits (4.6e-3 relative output error on 8192 values of mean 1000
+    and deviation 0.1). Eval mode normalises `x` itself with the running statistics.
     """
 
     def __init__(self, node: BatchNorm, channels: int) -> None:
@@ -188,10 +194,15 @@ class BatchNorm2D(nn.BatchNorm):
         )
         self.eps = node.eps
         self.spec_momentum = node.momentum
+        self.shift = False
 
     def hybrid_forward(
         self, F: Any, x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: Any
     ) -> tuple[Any, Any, Any]:
+        sample = None
+        if self.shift:
+            sample = F.BlockGrad(F.slice(x, begin=(0, None, 0, 0), end=(1, None, 1, 1)))
+            x = F.broadcast_sub(x, sample)
         out, mean, inv_std = F.BatchNorm(
             x,
             gamma,
@@ -206,6 +217,8 @@ class BatchNorm2D(nn.BatchNorm):
             use_global_stats=False,
             output_mean_var=True,
         )
+        if sample is not None:
+            mean = mean + F.reshape(sample, shape=(-1,))
         return out, mean, inv_std**-2 - self.eps
 
 
@@ -405,6 +418,7 @@ class GraphBlock(_Container):
         if not symbolic:
             counts, same_pads = self._plan(tuple(tuple(v.shape) for v in (x, *more)), training)
             self._set_same_padding(same_pads)
+        self._set_batch_shift(training)
         results = super().forward(x, *more)
         if not isinstance(results, (list, tuple)):
             results = (results,)
@@ -427,6 +441,17 @@ class GraphBlock(_Container):
         on this call with the new pads, as a Symbol cannot compute them from its input size)."""
         changed = [self.blocks[name].set_padding(pads) for name, pads in same_pads.items()]
         if any(changed):
+            self._clear_cached_op()
+
+    def _set_batch_shift(self, training: bool) -> None:
+        """Shift BatchNorm inputs in training mode only (`BatchNorm2D`); a change drops the
+        hybridized graph, so switching between training and eval rebuilds it once per switch."""
+        changed = False
+        for node in self._batchnorms:
+            block = self.blocks[node.name]
+            changed |= block.shift != training
+            block.shift = training
+        if changed:
             self._clear_cached_op()
 
     def _update_running(self, statistics: tuple[Any, ...], counts: dict[str, int]) -> None:

@@ -20,6 +20,7 @@ from multires.graph import Graph
 from multires.shapes import infer_shapes
 from multires.weights import is_buffer
 
+from .. import input_array
 from .lowering import GraphBlock, build
 from .weights import export_weights, load_weights, parameters
 
@@ -129,7 +130,7 @@ class MXNetRunner:
             arrays = [x[i.name] for i in self.graph.inputs]
         else:
             arrays = [x]
-        return [nd.array(np.asarray(a, dtype=np.float32), dtype="float32") for a in arrays]
+        return [nd.array(input_array(self.graph, a), dtype="float32") for a in arrays]
 
     def forward(self, x: np.ndarray | Mapping[str, np.ndarray], training: bool = False) -> Any:
         """The float32 output (a dict by name for several) for a batch in NCHW; training mode

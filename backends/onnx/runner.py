@@ -18,6 +18,7 @@ from multires.errors import TrainingError, WeightsError
 from multires.graph import Graph
 from multires.shapes import check_input_shape
 
+from .. import input_array
 from .lowering import build
 from .weights import export_weights, load_weights
 
@@ -57,9 +58,10 @@ class OnnxRunner:
 
     def _feed(self, x: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if isinstance(x, Mapping):
-            return {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in x.items()}
-        check_input_shape(self.graph, np.shape(x), self.layout)
-        return {self.graph.inputs[0].name: np.ascontiguousarray(x, dtype=np.float32)}
+            return {name: input_array(self.graph, value) for name, value in x.items()}
+        x = input_array(self.graph, x)
+        check_input_shape(self.graph, x.shape, self.layout)
+        return {self.graph.inputs[0].name: x}
 
     def forward(
         self, x: np.ndarray | Mapping[str, np.ndarray], training: bool = False

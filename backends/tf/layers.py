@@ -2,7 +2,7 @@
 
 Stock layers do the rest: `Conv2D`, `MaxPooling2D` and `AveragePooling2D` with `padding="same"`
 are TensorFlow's SAME (pads that never win the max, average pooling without the pads in the
-divisor), `ZeroPadding2D` is `Pad2d`, `BatchNormalization` is the biased running variance.
+divisor), `ZeroPadding2D` is `Pad2d`.
 
 Each is registered with `keras.saving.register_keras_serializable(package="multires")`, so a
 saved model loads with plain `keras.models.load_model` once this backend is imported.
@@ -37,44 +37,69 @@ def _padding(value: Any) -> Padding:
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class BatchNorm(keras.layers.BatchNormalization):
-    """`BatchNormalization` whose running variance takes the unbiased batch variance.
+    """`BatchNormalization` with batch statistics as accurate as float32 allows, and either
+    running-variance convention.
 
-    A BatchNorm node with `running_variance="unbiased"` (PyTorch's convention) normalises with the
-    biased batch variance but folds the unbiased one, `var * n / (n - 1)`, into `moving_variance`;
-    stock Keras folds the biased one (the lowering of "biased" nodes), which would drift the
-    running statistics by a factor (n - 1) / n per update. `momentum` keeps Keras' meaning
-    (weight of the old value, 1 - the spec's momentum). Masks and batch renormalisation are
-    not supported.
+    Keras' own layer sums the raw inputs for the mean (a float32 sum over N*H*W values of a
+    channel that sits far from zero loses digits: 4.6e-3 relative output error on 8192 values
+    of mean 1000 and deviation 0.1) and normalises as `x * inv + (beta - mean * inv)`, which
+    cancels for such a channel. This layer subtracts one sample of each channel first (exact for
+    nearby values), takes the mean of the differences and then the mean of their squared
+    deviations (two passes), and normalises as `(x - mean) * inv + beta`.
+
+    `unbiased` (PyTorch's convention, the spec's default) folds `var * n / (n - 1)` into
+    `moving_variance`, otherwise the biased batch variance (Keras' own); normalisation uses the
+    biased one in both. `momentum` keeps Keras' meaning (weight of the old value, 1 - the spec's
+    momentum). Masks and batch renormalisation are not supported.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, unbiased: bool = True, **kwargs: Any) -> None:
         if kwargs.get("renorm") or kwargs.get("synchronized"):
             raise ValueError("BatchNorm supports neither renorm nor synchronized statistics.")
         super().__init__(**kwargs)
+        self.unbiased = bool(unbiased)
+
+    def _broadcast(self, value: Any, ndim: int) -> Any:
+        shape = [1] * ndim
+        shape[self.axis] = -1
+        return ops.reshape(value, shape)
 
     def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
         if mask is not None:
             raise ValueError(f"{self.name} (BatchNorm): masks are not supported.")
-        if not (training and self.trainable):
-            return super().call(inputs, training=False)
         inputs = ops.cast(inputs, "float32")
-        mean, variance = ops.moments(inputs, axes=self._reduction_axes)
-        shape = ops.shape(inputs)
-        count = ops.cast(math.prod(shape[axis] for axis in self._reduction_axes), "float32")
-        unbiased = variance * (count / (count - 1.0))
-        keep = self.momentum
-        self.moving_mean.assign(self.moving_mean * keep + mean * (1.0 - keep))
-        self.moving_variance.assign(self.moving_variance * keep + unbiased * (1.0 - keep))
-        outputs = ops.batch_normalization(
-            inputs,
-            mean=mean,
-            variance=variance,
-            axis=self.axis,
-            offset=self.beta if self.center else None,
-            scale=self.gamma if self.scale else None,
-            epsilon=self.epsilon,
-        )
+        ndim = len(inputs.shape)
+        if training and self.trainable:
+            axes = self._reduction_axes
+            sample = ops.stop_gradient(
+                inputs[tuple(slice(None) if a == self.axis % ndim else slice(0, 1) for a in range(ndim))]
+            )
+            centred = inputs - sample
+            shift = ops.mean(centred, axis=axes, keepdims=True)
+            centred = centred - shift
+            variance = ops.mean(ops.square(centred), axis=axes)
+            mean = ops.reshape(sample + shift, (-1,))
+            shape = ops.shape(inputs)
+            count = ops.cast(math.prod(shape[axis] for axis in axes), "float32")
+            folded = variance * (count / (count - 1.0)) if self.unbiased else variance
+            keep = self.momentum
+            self.moving_mean.assign(self.moving_mean * keep + ops.stop_gradient(mean) * (1.0 - keep))
+            self.moving_variance.assign(
+                self.moving_variance * keep + ops.stop_gradient(folded) * (1.0 - keep)
+            )
+        else:
+            centred = inputs - self._broadcast(self.moving_mean, ndim)
+            variance = self.moving_variance
+        inv = ops.rsqrt(variance + self.epsilon)
+        if self.scale:
+            inv = inv * self.gamma
+        outputs = centred * self._broadcast(inv, ndim)
+        if self.center:
+            outputs = outputs + self._broadcast(self.beta, ndim)
         return ops.cast(outputs, self.compute_dtype)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "unbiased": self.unbiased}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

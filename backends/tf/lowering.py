@@ -116,11 +116,11 @@ def conv2d(node: Conv2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
 
 @lowers(BatchNormNode)
 def batchnorm(node: BatchNormNode, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
-    """Keras' momentum convention (1 - the spec's) and the exact epsilon. A biased running
-    variance is stock `BatchNormalization`; the unbiased one (PyTorch's) is this backend's
-    `BatchNorm`."""
-    layer = keras.layers.BatchNormalization if node.running_variance == "biased" else BatchNorm
-    return layer(
+    """This backend's `BatchNorm` (a `BatchNormalization` with accurate batch statistics) with
+    Keras' momentum convention (1 - the spec's), the exact epsilon and the node's running-variance
+    convention."""
+    return BatchNorm(
+        unbiased=node.running_variance == "unbiased",
         axis=1 if ctx.layout == "NCHW" else -1,
         momentum=1.0 - node.momentum,
         epsilon=node.eps,

@@ -22,6 +22,7 @@ from multires.graph import BatchNorm, Dense, Graph
 from multires.shapes import check_input_shape, from_layout, infer_shapes
 from multires.weights import CanonicalWeights, is_buffer
 
+from .. import input_array
 from .lowering import build
 from .weights import export_weights, load_weights, slots
 
@@ -64,7 +65,7 @@ class KerasRunner:
 
     def _check(self, x: np.ndarray, training: bool) -> np.ndarray:
         """`x` as float32 after the checks the reference makes, raising ShapeError."""
-        x = np.asarray(x)
+        x = input_array(self.graph, x)
         check_input_shape(self.graph, x.shape, self.layout)
         shapes = infer_shapes(self.graph, from_layout(x.shape, self.layout))
         for name, width in self._widths.items():

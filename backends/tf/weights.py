@@ -109,6 +109,8 @@ def load_weights(model: keras.Model, weights: Mapping[str, Any]) -> keras.Model:
             problems.append(f"unexpected {name}")
         elif tuple(np.shape(value)) != targets[name].shape:
             problems.append(f"{name}: shape {tuple(np.shape(value))}, expected {targets[name].shape}")
+        elif np.asarray(value).dtype.kind not in "iuf":
+            problems.append(f"{name}: dtype {np.asarray(value).dtype}, expected real numbers (float32)")
     if problems:
         raise WeightsError(
             f"weights do not match Keras model {model.name!r} ({len(problems)} problem(s)):\n  "

@@ -13,6 +13,7 @@ from multires.errors import ShapeError, WeightsError
 from multires.graph import Graph
 from multires.shapes import check_input_shape
 
+from .. import check_batch_statistics, input_array
 from .lowering import build
 from .weights import export_weights, load_weights
 
@@ -35,13 +36,18 @@ class TorchRunner:
             weight_decay=optimizer.weight_decay,
         )
 
-    def _input(self, x: np.ndarray) -> torch.Tensor:
-        check_input_shape(self.graph, np.shape(x), self.layout)
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    def _input(self, x: np.ndarray, training: bool) -> torch.Tensor:
+        """`x` as a float32 tensor after the checks the reference makes (ShapeError), PyTorch's
+        own one-value-per-channel check in training mode included (a bare ValueError there)."""
+        array = input_array(self.graph, x)
+        check_input_shape(self.graph, array.shape, self.layout)
+        if training:
+            check_batch_statistics(self.graph, array.shape, self.layout)
+        return torch.from_numpy(array)
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         """Logits for a float32 batch in `layout`; training mode updates the running statistics."""
-        inputs = self._input(x)
+        inputs = self._input(x, training)
         self.model.train(training)
         with torch.no_grad():
             return self.model(inputs).numpy()
@@ -54,7 +60,7 @@ class TorchRunner:
     def train_step(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         """One SGD step on mean softmax cross-entropy in training mode; returns the loss and the
         logits before the update."""
-        inputs = self._input(x)
+        inputs = self._input(x, training=True)
         self.model.train()
         logits = self.model(inputs)
         targets = torch.from_numpy(_labels(labels, tuple(logits.shape)))

@@ -58,8 +58,8 @@ def export_weights(model: nn.Module) -> dict[str, np.ndarray]:
 def load_weights(model: nn.Module, weights: Mapping[str, Any]) -> nn.Module:
     """Copy canonical `weights` into `model` in place and return it.
 
-    Every missing, unexpected or misshapen entry is reported in one WeightsError. Values are
-    cast to each tensor's dtype and device; BatchNorm counters are reset to 0.
+    Every missing, unexpected, misshapen or non-real entry is reported in one WeightsError. Values
+    are cast to each tensor's dtype and device; BatchNorm counters are reset to 0.
     """
     _materialize_lazy_linears(model, weights)
     state = model.state_dict()
@@ -77,6 +77,10 @@ def load_weights(model: nn.Module, weights: Mapping[str, Any]) -> nn.Module:
         shape = tuple(np.shape(weights[name]))
         if shape != tuple(tensor.shape):
             problems.append(f"{name}: shape {shape}, expected {tuple(tensor.shape)}")
+        elif np.asarray(weights[name]).dtype.kind not in "iuf":
+            problems.append(
+                f"{name}: dtype {np.asarray(weights[name]).dtype}, expected real numbers (float32)"
+            )
     problems += [f"unexpected {name}" for name in weights if name not in state or _is_counter(name)]
     if problems:
         raise WeightsError(

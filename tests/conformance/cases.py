@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 
+from hypothesis import strategies as st
+
 import multires
 from multires import (
     Add,
@@ -30,6 +32,9 @@ from multires import (
     Pad2d,
     ReLU,
 )
+from multires.errors import SpecError
+from multires.graph import VARIANCE_CONVENTIONS
+from multires.shapes import infer_shapes
 
 from .helpers import Case
 
@@ -300,6 +305,27 @@ NODES = [
         (2, 3, 2, 3),
     ),
     Case(
+        "batchnorm_large_channel_offset",
+        lambda: _graph(
+            "batchnorm_large_channel_offset",
+            3,
+            [
+                Conv2d("conv", "x", out_channels=4, kernel=3, padding=1, bias=True),
+                BatchNorm("bn", "conv", momentum=0.3),
+                Conv2d("conv2", "bn", out_channels=4, kernel=1, bias=True),
+                BatchNorm("bn2", "conv2", eps=1e-3, momentum=0.3, running_variance="biased"),
+                ReLU("relu", "bn2"),
+            ],
+        ),
+        (4, 3, 5, 6),
+        offsets=(
+            ("conv.bias", 300.0),
+            ("bn.running_mean", 300.0),
+            ("conv2.bias", -300.0),
+            ("bn2.running_mean", -300.0),
+        ),
+    ),
+    Case(
         "add_three_branches",
         lambda: _graph(
             "add_three_branches",
@@ -315,6 +341,56 @@ NODES = [
         (4, 3, 5, 6),
     ),
 ]
+
+
+@st.composite
+def small_graphs(draw: st.DrawFn) -> Case:
+    """A random small graph for training-mode BatchNorm: convolutions with biases (some offset
+    by up to 100 on a channel), grouped 1x1 convolutions, max and average pools and BatchNorm
+    with either running-variance convention, then a global pool or Flatten, and Dense."""
+    channels = draw(st.integers(1, 4))
+    shape = (draw(st.integers(2, 4)), channels, draw(st.integers(3, 8)), draw(st.integers(3, 8)))
+    nodes: list[Node] = []
+    offsets: list[tuple[str, float]] = []
+    last, width = "x", channels
+    for index in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["conv", "grouped_1x1", "maxpool", "avgpool"]))
+        name = f"{kind}{index}"
+        if kind == "maxpool":
+            node: Node = MaxPool2d(name, last, kernel=draw(st.sampled_from([2, 3])), stride=2, padding=1)
+        elif kind == "avgpool":
+            node = AvgPool2d(name, last, kernel=2, stride=draw(st.sampled_from([1, 2])))
+        else:
+            groups = draw(st.sampled_from([g for g in (1, 2, 4) if width % g == 0]))
+            out = groups * draw(st.integers(1, 3))
+            kernel = 1 if kind == "grouped_1x1" else draw(st.sampled_from([1, 3]))
+            if kind == "conv":
+                groups = 1
+            node = Conv2d(
+                name, last, out_channels=out, kernel=kernel, padding=kernel // 2, groups=groups, bias=True
+            )
+            width = out
+            offset = draw(st.sampled_from([0.0, 0.0, 10.0, -100.0]))
+            if offset:
+                offsets.append((f"{name}.bias", offset))
+        try:
+            infer_shapes(Graph("probe", Input("x", channels), (*nodes, node), node.name), shape)
+        except SpecError:
+            continue
+        nodes.append(node)
+        last = node.name
+        if isinstance(node, Conv2d) and draw(st.booleans()):
+            convention = draw(st.sampled_from(VARIANCE_CONVENTIONS))
+            nodes.append(BatchNorm(f"bn{index}", last, eps=1e-3, momentum=0.3, running_variance=convention))
+            nodes.append(ReLU(f"relu{index}", f"bn{index}"))
+            last = f"relu{index}"
+    if draw(st.booleans()):
+        nodes.append(GlobalAvgPool("gap", last))
+        last = "gap"
+    nodes += [Flatten("flatten", last), Dense("fc", "flatten", out_features=3)]
+    graph = Graph("small", Input("x", channels), tuple(nodes), "fc")
+    seed = draw(st.integers(0, 2**16))
+    return Case(f"small-{seed}", lambda: graph, shape, seed=seed, offsets=tuple(offsets))
 
 
 SPATIAL = Case(

@@ -69,6 +69,9 @@ class Case:
     """Inputs all below zero (max-pool padding must never win)."""
     eval_only: bool = False
     """Checked in eval mode only (the deepest models, whose float64 backward is slow)."""
+    offsets: tuple[tuple[str, float], ...] = ()
+    """`(weight name, value)` pairs added to channel 0 of those random weights: a large conv bias
+    (and running mean) before a BatchNorm, where one-pass variance formulas cancel."""
 
     @cached_property
     def graph(self) -> multires.Graph:
@@ -87,8 +90,12 @@ class Case:
         return np.random.default_rng(self.seed + 1).integers(0, classes, self.input_shape[0])
 
     def make_weights(self) -> dict[str, np.ndarray]:
-        """Random canonical weights (BatchNorm statistics included), reproducible from the seed."""
-        return multires.random_weights(self.graph, seed=self.seed, input_shape=self.input_shape)
+        """Random canonical weights (BatchNorm statistics included), reproducible from the seed,
+        with `offsets` applied."""
+        weights = multires.random_weights(self.graph, seed=self.seed, input_shape=self.input_shape)
+        for name, offset in self.offsets:
+            weights[name][0] += np.float32(offset)
+        return weights
 
     def x_in(self, layout: str) -> np.ndarray:
         """The batch in `layout`."""
@@ -131,7 +138,15 @@ class Oracle:
         case = self.case
         key = hashlib.sha256(
             repr(
-                (_code_hash(), case.graph.to_json(), case.input_shape, case.seed, case.negative, what)
+                (
+                    _code_hash(),
+                    case.graph.to_json(),
+                    case.input_shape,
+                    case.seed,
+                    case.negative,
+                    case.offsets,
+                    what,
+                )
             ).encode()
         ).hexdigest()[:24]
         path = CACHE / f"{case.id}-{what}-{key}.npz"

@@ -139,3 +139,87 @@ def test_runner_weights_and_optimizer_state_resume_exactly(trainable: str, layou
     for name, value in expected.items():
         error = multires.reference.relative_error(got[name], value)
         assert error <= 1e-6, f"{name}: resumed run differs by {error:.2e}"
+
+
+def _pooled_bn_graph() -> multires.Graph:
+    """Conv 1x1, BatchNorm, global pool, Dense: runs at any image size, 1x1 included."""
+    return multires.Graph(
+        "pooled_bn",
+        multires.Input("x", 3),
+        (
+            multires.Conv2d("conv", "x", out_channels=4, kernel=1),
+            multires.BatchNorm("bn", "conv"),
+            multires.GlobalAvgPool("gap", "bn"),
+            multires.Flatten("flatten", "gap"),
+            multires.Dense("fc", "flatten", out_features=5),
+        ),
+        "fc",
+    )
+
+
+def test_training_with_one_value_per_channel_raises_a_shape_error(trainable: str, layout: str) -> None:
+    """A batch variance needs two values per channel: training mode on a single 1x1 image is a
+    ShapeError naming the BatchNorm (PyTorch's own check raises a bare ValueError); eval mode runs."""
+    graph = _pooled_bn_graph()
+    runner = multires.make_runner(graph, multires.random_weights(graph, seed=1), trainable, layout)
+    one = np.ones((1, 3, 1, 1) if layout == "NCHW" else (1, 1, 1, 3), np.float32)
+    assert runner.forward(one).shape == (1, 5)
+    for call in (lambda: runner.forward(one, training=True), lambda: runner.train_step(one, np.array([0]))):
+        with pytest.raises(multires.ShapeError, match=r"bn \(BatchNorm\).*one value per channel"):
+            call()
+
+
+def test_inputs_of_any_real_dtype_run_and_others_raise_shape_errors(backend: str, layout: str) -> None:
+    """Integer and float64 batches run as float32 (the same output); complex, boolean, string and
+    object arrays are a ShapeError naming the dtype, never a framework's own error or a silent
+    cast (NumPy drops imaginary parts with only a warning). NaN and inf are not bad inputs: they
+    propagate as IEEE arithmetic says, as in every framework."""
+    case = BN_CASE
+    runner = multires.make_runner(case.graph, case.make_weights(), backend, layout)
+    x = case.x_in(layout)
+    expected = runner.forward(x)
+    assert np.array_equal(runner.forward(x.astype(np.float64)), expected)
+    rounded = np.round(x * 4)
+    assert np.array_equal(
+        runner.forward(rounded.astype(np.int32)), runner.forward(rounded.astype(np.float32))
+    )
+    for bad in (x.astype(np.complex64), x > 0, x.astype(str), x.astype(object)):
+        with pytest.raises(multires.ShapeError, match=str(bad.dtype)):
+            runner.forward(bad)
+
+
+def test_labels_that_do_not_fit_raise_shape_errors(trainable: str, layout: str) -> None:
+    case = BN_CASE
+    runner = multires.make_runner(case.graph, case.make_weights(), trainable, layout)
+    x, labels = case.x_in(layout), case.labels
+    for bad in (labels[:-1], labels.astype(np.float32), labels + 5, labels - 5, labels[:, None]):
+        with pytest.raises(multires.ShapeError, match="labels"):
+            runner.train_step(x, bad)
+
+
+def test_weights_and_optimizer_state_that_do_not_match_raise_weights_errors(
+    backend: str, layout: str
+) -> None:
+    """A missing, misshapen, complex or unexpected weight is a WeightsError naming it, from
+    `make_runner` and `set_weights` alike; so is optimizer state of the wrong names or shapes."""
+    case = BN_CASE
+    good = case.make_weights()
+    problems = {
+        "bn.running_var": {k: v for k, v in good.items() if k != "bn.running_var"},
+        "conv.weight": {**good, "conv.weight": good["conv.weight"][:, :2]},
+        "bn.weight": {**good, "bn.weight": good["bn.weight"].astype(np.complex64)},
+        "ghost.weight": {**good, "ghost.weight": np.zeros(2, np.float32)},
+    }
+    runner = multires.make_runner(case.graph, good, backend, layout)
+    for name, bad in problems.items():
+        with pytest.raises(multires.WeightsError, match=name.replace(".", r"\.")):
+            multires.make_runner(case.graph, bad, backend, layout)
+        with pytest.raises(multires.WeightsError, match=name.replace(".", r"\.")):
+            runner.set_weights(bad)
+    if not getattr(multires.get_backend(backend), "TRAINING", True):
+        return
+    state = {k: np.zeros_like(v) for k, v in good.items() if not multires.weights.is_buffer(k)}
+    with pytest.raises(multires.WeightsError, match=r"conv\.weight"):
+        runner.set_optimizer_state({**state, "conv.weight": np.zeros((1, 1), np.float32)})
+    with pytest.raises(multires.WeightsError, match=r"ghost\.weight"):
+        runner.set_optimizer_state({**state, "ghost.weight": np.zeros(2, np.float32)})

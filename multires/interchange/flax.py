@@ -22,8 +22,10 @@ variance), which `from_flax` cannot infer from weights alone, since the editions
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -143,16 +145,14 @@ def _tree_map(fn: Any, tree: Any) -> Any:
     return fn(np.asarray(tree))
 
 
-def read(path: Any, **options: Any) -> dict[str, Any]:
+def read(path: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
     """Flax variables from a file written by `write` (`flax.serialization.msgpack_serialize`)."""
-    from pathlib import Path
-
     from flax import serialization
 
     return serialization.msgpack_restore(Path(path).read_bytes())
 
 
-def write(variables: Mapping[str, Any], path: Any) -> Any:
+def write(variables: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write Flax variables with `flax.serialization.msgpack_serialize`, atomically."""
     from flax import serialization
 

@@ -190,3 +190,17 @@ def test_wrong_shapes_are_listed_at_once() -> None:
     with pytest.raises(WeightsError, match=r"(?s)2 mismatches.*b1\.0\.weight.*last\.2\.bias") as error:
         from_flax(variables, GRAPH)
     assert "(64, 3, 7, 7)" in str(error.value) and "(11,)" in str(error.value)
+
+
+def test_convert_reads_written_flax_variables_into_a_safetensors_file(tmp_path) -> None:
+    from multires.cli import main
+    from multires.interchange.flax import write
+
+    weights = multires.random_weights(GRAPH, seed=4)
+    source = write(to_flax(GRAPH, weights, layout="d2l"), tmp_path / "book.msgpack")
+    out = tmp_path / "book.safetensors"
+    argv = ["convert", str(source), "--from", "flax", "--graph", "d2l_resnet18", "--option", "edition=jax"]
+    assert main([*argv, "--to", "safetensors", "-o", str(out)]) == 0
+    assert multires.weights.file_graph(out) == GRAPH
+    converted = multires.weights.load_file(out, GRAPH)
+    assert all(np.array_equal(converted[name], weights[name]) for name in weights)

@@ -6,10 +6,21 @@
 """
 
 from multires import reference, weights
-from multires.backend import SGD, Runner, available_backends, backends, build, get_backend, make_runner
+from multires.backend import (
+    SGD,
+    Execution,
+    Runner,
+    available_backends,
+    available_devices,
+    backends,
+    build,
+    get_backend,
+    make_runner,
+)
 from multires.errors import (
     BackendNotFoundError,
     BackendUnavailableError,
+    DeviceError,
     InterchangeError,
     ModelNotFoundError,
     MultiresError,
@@ -45,6 +56,8 @@ __all__ = [
     "BackendNotFoundError",
     "BackendUnavailableError",
     "BatchNorm",
+    "DeviceError",
+    "Execution",
     "InterchangeError",
     "Conv2d",
     "Dense",
@@ -63,6 +76,7 @@ __all__ = [
     "SpecError",
     "WeightsError",
     "available_backends",
+    "available_devices",
     "backends",
     "build",
     "get_backend",

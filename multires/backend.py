@@ -9,8 +9,10 @@ point's name is also the pip extra that installs its framework) exposing:
 - `build(graph, layout) -> model`: a native model.
 - `export_weights(model) -> dict[str, np.ndarray]` and `load_weights(model, weights) -> model`:
   canonical weights (see `multires.weights`) out of and into a native model.
-- `make_runner(graph, weights, layout, optimizer) -> Runner`: the uniform handle the
-  conformance suite and the trainer drive.
+- `make_runner(graph, weights, layout, optimizer, execution) -> Runner`: the uniform handle the
+  conformance suite and the trainer drive, placed and parallelised as `Execution` says.
+- `available_devices() -> list[str]`: the devices this framework build sees, in the backend's
+  own spelling (`cpu`, `cuda:0`, ...), for error messages and `multires backends`.
 
 Frameworks are imported only when a backend is first used; a missing framework raises
 `BackendUnavailableError` with the pip command that installs it.
@@ -19,6 +21,7 @@ Frameworks are imported only when a backend is first used; a missing framework r
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +32,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from multires.errors import BackendNotFoundError, BackendUnavailableError, ShapeError, SpecError
+from multires.errors import BackendNotFoundError, BackendUnavailableError, DeviceError, ShapeError, SpecError
 from multires.graph import Graph, Node
 from multires.shapes import check_layout
 
@@ -95,10 +98,79 @@ class SGD:
     weight_decay: float = 0.0
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""Compute precisions a Runner offers: float32, or the framework's own mixed precision in
+bfloat16 or float16 (torch.autocast with a GradScaler for fp16, the Keras mixed-precision
+policy, a Flax compute dtype, MXNet AMP). Parameters, running statistics, optimizer state and
+exported weights stay float32 in every precision."""
+
+DEVICE_ENV = "MULTIRES_DEVICE"
+"""Environment variable: the device `make_runner` (and so `multires train`) uses when none is
+given, e.g. `MULTIRES_DEVICE=cuda pytest tests/conformance --backend torch` runs the suite on a GPU."""
+
+CPU_DEVICES_ENV = "MULTIRES_CPU_DEVICES"
+"""Environment variable: how many CPU devices TensorFlow (logical devices) and JAX (XLA host
+devices) expose, so data parallelism runs on a CPU-only machine. Both frameworks fix their
+device list when they start, so it must be set before the first model is built; `multires train
+--devices N` sets it for you."""
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where and how a Runner computes: device, data-parallel replicas and precision.
+
+    `device` is the framework's device in its own spelling ("cpu", "cuda", "cuda:1", "mps" in
+    torch; "CPU", "GPU", "GPU:0" in tf; "cpu", "gpu" in flax; "cpu", "gpu", "gpu(1)" in mxnet);
+    None is the framework's CPU. `devices` > 1 is data parallelism: each step splits the global
+    batch into `devices` contiguous shards (`shard_bounds`), each device computes its shard's summed
+    loss divided by the global batch size, and the gradients are summed, so the update equals a
+    single-device step on the whole batch. `sync_batchnorm` (the default) computes training-mode
+    BatchNorm statistics over the global batch, which keeps that equality; without it each device
+    normalises with its own shard's statistics and the model keeps device 0's running statistics
+    (as DistributedDataParallel's `broadcast_buffers` does).
+    """
+
+    device: str | None = None
+    devices: int = 1
+    precision: str = "fp32"
+    sync_batchnorm: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
+            raise DeviceError(f"devices must be a positive int; got {self.devices!r}.")
+        if self.precision not in PRECISIONS:
+            raise DeviceError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}.")
+        if self.device is not None and (not isinstance(self.device, str) or not self.device.strip()):
+            raise DeviceError(f"device must be a name such as 'cpu' or 'cuda:0'; got {self.device!r}.")
+
+
+def shard_bounds(batch: int, devices: int) -> list[tuple[int, int]]:
+    """The `(start, stop)` rows of each device's shard of a global batch of `batch` examples:
+    contiguous, in device order, sizes differing by at most one (the first ones larger), as
+    `numpy.array_split` cuts them. A shard may be empty when `batch < devices`."""
+    base, extra = divmod(batch, devices)
+    bounds, start = [], 0
+    for device in range(devices):
+        stop = start + base + (device < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 class Runner(Protocol):
-    """A built model with its weights and optimizer state, driven with NumPy arrays."""
+    """A built model with its weights and optimizer state, driven with NumPy arrays.
+
+    Two ways to train: `train_step` (NumPy in, loss and logits out: one host synchronisation per
+    step, what the conformance suite checks), and the trainer's `prepare` / `step` /
+    `take_totals`, which keep batches flowing to the device and the loss and accuracy sums on it,
+    so the host waits only when it reads the totals.
+    """
 
     layout: str
+    execution: Execution
+    is_main: bool
+    """Whether this process writes files and prints progress (rank or process 0; always True in a
+    single-process run)."""
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         """Logits (or the single output) for a float32 batch in `layout`; training mode uses
@@ -124,6 +196,47 @@ class Runner(Protocol):
 
     def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         """Restore buffers saved by `optimizer_state`."""
+
+    def prepare(self, x: np.ndarray, labels: np.ndarray) -> Any:
+        """A training batch (float32 images in `layout`, integer labels) checked and on its way to
+        the device(s), split into shards under data parallelism. Called from the trainer's
+        prefetch thread while the previous step runs; the result goes to `step`."""
+
+    def step(self, batch: Any) -> None:
+        """One optimizer step on a prepared batch (as `train_step`), adding the batch's summed
+        loss, correct predictions and example count to totals kept on the device."""
+
+    def take_totals(self) -> tuple[float, int, int]:
+        """The summed loss, correct predictions and examples of the `step`s since the last call
+        (over the global batch, under data parallelism), then zeroes them: the one point where
+        the host waits for the device."""
+
+
+class HostTotals:
+    """`prepare`, `step` and `take_totals` on top of `train_step`, for runners that compute on the
+    host anyway (the NumPy reference, onnxruntime) or do not implement them."""
+
+    _totals: tuple[float, int, int] = (0.0, 0, 0)
+
+    def prepare(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The batch as given; `train_step` checks it."""
+        return x, np.asarray(labels)
+
+    def step(self, batch: tuple[np.ndarray, np.ndarray]) -> None:
+        """`train_step` on the batch, its loss and correct count added to the totals."""
+        x, labels = batch
+        loss, logits = self.train_step(x, labels)  # type: ignore[attr-defined]
+        loss_sum, correct, examples = self._totals
+        self._totals = (
+            loss_sum + float(loss) * len(labels),
+            correct + int((np.argmax(logits, axis=1) == labels).sum()),
+            examples + len(labels),
+        )
+
+    def take_totals(self) -> tuple[float, int, int]:
+        """The totals since the last call, then zeroed."""
+        totals, self._totals = self._totals, (0.0, 0, 0)
+        return totals
 
 
 def _registered() -> dict[str, Any]:
@@ -265,11 +378,45 @@ def make_runner(
     backend: str,
     layout: str | None = None,
     optimizer: SGD | None = None,
+    *,
+    device: str | None = None,
+    devices: int = 1,
+    precision: str = "fp32",
+    sync_batchnorm: bool = True,
 ) -> Runner:
-    """A `Runner` for `graph` with canonical `weights` in `backend`."""
+    """A `Runner` for `graph` with canonical `weights` in `backend`, on `device` (default: the
+    `DEVICE_ENV` variable's, else the framework's CPU), data parallel over `devices` replicas,
+    computing in `precision` (see `Execution` and `PRECISIONS`)."""
     from multires.weights import as_weights
 
     module = get_backend(backend)
-    return module.make_runner(
-        graph, as_weights(weights, graph), resolve_layout(module, layout), optimizer or SGD()
+    execution = Execution(device or os.environ.get(DEVICE_ENV) or None, devices, precision, sync_batchnorm)
+    arguments = (graph, as_weights(weights, graph), resolve_layout(module, layout), optimizer or SGD())
+    if "execution" in inspect.signature(module.make_runner).parameters:
+        return module.make_runner(*arguments, execution)
+    if execution != Execution():
+        raise DeviceError(
+            f"backend {module.NAME!r} takes no device, devices or precision (its make_runner has no `execution` "
+            f"parameter); got {execution}. Use the defaults, or a backend that has them."
+        )
+    return module.make_runner(*arguments)
+
+
+def available_devices(backend: str) -> list[str]:
+    """The devices `backend`'s framework sees here, in its own spelling (e.g. `['cpu', 'cuda:0']`)."""
+    return list(get_backend(backend).available_devices())
+
+
+def unknown_device(backend: str, device: str, available: list[str], hint: str = "") -> DeviceError:
+    """The error for a device the framework does not have: it lists those it has."""
+    return DeviceError(
+        f"backend {backend!r} has no device {device!r}; available: {', '.join(available) or 'none'}.{hint}"
+    )
+
+
+def too_many_devices(backend: str, devices: int, available: list[str], how: str) -> DeviceError:
+    """The error for `devices` beyond what exists: it says how to expose more."""
+    return DeviceError(
+        f"backend {backend!r}: devices={devices} but only {len(available)} are available "
+        f"({', '.join(available) or 'none'}). {how}"
     )

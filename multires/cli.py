@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -278,6 +279,7 @@ def backends_command(args: argparse.Namespace) -> int:
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    from multires.backend import PRECISIONS
     from multires.train import SCHEDULES, train_defaults
 
     defaults = train_defaults()
@@ -326,13 +328,42 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--resume", action="store_true", help="continue the run checkpointed in --out")
     add("--checkpoint-every", type=int, default=100, metavar="STEPS", help="checkpoint period (100)")
     add("--no-plot", action="store_true", help="do not write history.png")
+    add("--device", help="the framework's device, e.g. cpu, cuda, cuda:1, mps (torch), GPU (tf), gpu (flax)")
+    add(
+        "--devices",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel devices (default 1); on a CPU-only machine, N CPU devices",
+    )
+    add("--precision", default="fp32", choices=PRECISIONS, help="float32 or mixed bf16/fp16 (default fp32)")
+    add(
+        "--no-sync-bn",
+        action="store_true",
+        help="per-device BatchNorm statistics under --devices (default: synchronised over the global batch)",
+    )
+    add("--coordinator", metavar="HOST:PORT", help="flax multi-process: jax.distributed's coordinator")
+    add("--num-processes", type=int, metavar="N", help="flax multi-process: the number of processes")
+    add("--process-id", type=int, metavar="I", help="flax multi-process: this process's index")
 
 
 @command("train", "train a zoo model on Fashion-MNIST and print the book's final line", _train_arguments)
 def train_command(args: argparse.Namespace) -> int:
-    """Train with SGD, showing a progress bar per epoch; print `loss ..., examples/sec` at the end."""
+    """Train with SGD, showing a progress bar per epoch; print `loss ..., examples/sec` at the end.
+
+    `--devices N` in torch runs one process per device: outside torchrun the command relaunches
+    itself under `torch.distributed.run` with N processes on this machine. In tf and flax on the
+    CPU it exposes N CPU devices (`CPU_DEVICES_ENV`) before the framework starts.
+    """
     from multires.train import train
 
+    backend = args.backend if args.backend.lower() == "reference" else registry.canonical_name(args.backend)
+    if args.devices > 1 and backend == "torch" and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.devices)
+    if args.devices > 1 and backend in ("tf", "flax") and (args.device or "cpu").lower() == "cpu":
+        os.environ.setdefault(registry.CPU_DEVICES_ENV, str(args.devices))
+    if args.coordinator is not None:
+        _initialize_jax(backend, args)
     history = train(
         _zoo_graph(args.name, parse_options(args.option)),
         args.backend,
@@ -352,9 +383,45 @@ def train_command(args: argparse.Namespace) -> int:
         resume=args.resume,
         checkpoint_every=args.checkpoint_every,
         plot=False if args.no_plot else None,
+        device=args.device,
+        devices=args.devices,
+        precision=args.precision,
+        sync_batchnorm=not args.no_sync_bn,
     )
-    print(history.summary())
+    if history.runner is None or getattr(history.runner, "is_main", True):
+        print(history.summary())
     return 0
+
+
+def _torchrun(devices: int) -> int:
+    """Run this command again under torchrun, one process per device on this machine (its exit status)."""
+    import subprocess
+
+    try:
+        import torch.distributed.run  # noqa: F401
+    except ModuleNotFoundError:
+        raise BackendUnavailableError(
+            "--devices in torch needs PyTorch: pip install 'multires[torch]'"
+        ) from None
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}"]
+    environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(_threads(devices)))}
+    return subprocess.call([*command, "-m", "multires", *sys.argv[1:]], env=environment)
+
+
+def _threads(processes: int) -> int:
+    """CPU threads per process when `processes` share this machine."""
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
+def _initialize_jax(backend: str, args: argparse.Namespace) -> None:
+    """Join a multi-process JAX run (`--coordinator`, `--num-processes`, `--process-id`)."""
+    if backend != "flax":
+        raise UsageError(
+            f"--coordinator starts jax.distributed, for --backend flax; got --backend {backend}."
+        )
+    if args.num_processes is None or args.process_id is None:
+        raise UsageError("--coordinator needs --num-processes and --process-id.")
+    registry.get_backend("flax").initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
 
 def _compare_arguments(parser: argparse.ArgumentParser) -> None:

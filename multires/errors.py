@@ -43,3 +43,8 @@ class TrainingError(MultiresError, ValueError):
 class InterchangeError(MultiresError, ValueError):
     """A model or checkpoint of another library that multires cannot map: the message says which
     families and variants are supported and how to pass `graph=` for other models."""
+
+
+class DeviceError(MultiresError, ValueError):
+    """A device, device count or precision the framework build or the machine cannot provide: the
+    message lists the devices that exist and how to expose more."""

@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from multires.backend import SGD
-from multires.errors import ShapeError, SpecError, WeightsError
+from multires.backend import SGD, Execution, HostTotals, shard_bounds
+from multires.errors import DeviceError, ShapeError, SpecError, WeightsError
 from multires.graph import (
     Add,
     AvgPool2d,
@@ -704,12 +704,20 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 # A Runner on top of the reference.
 
 
-class ReferenceRunner:
+class ReferenceRunner(HostTotals):
     """The `multires.backend.Runner` protocol on the reference: float64 inside, float32 out.
 
     A slow but exact, framework-free runner: the trainer's core tests drive it, and its
     `train_step` is `sgd_step`. Arrays go in and come out in `layout` ("NCHW" or "NHWC").
+
+    It also defines data parallelism without synchronised BatchNorm (`Execution(devices=N,
+    sync_batchnorm=False)`): each shard (`shard_bounds`) runs its own training-mode forward and
+    backward, the update uses the sum over shards of each shard's summed loss / global n, and the
+    running statistics are shard 0's. With `sync_batchnorm` (or one device) the global batch is one
+    computation, which is what synchronised data parallelism must equal.
     """
+
+    is_main = True
 
     def __init__(
         self,
@@ -717,10 +725,17 @@ class ReferenceRunner:
         weights: Mapping[str, np.ndarray],
         layout: str = "NCHW",
         optimizer: SGD = PLAIN_SGD,
+        execution: Execution | None = None,
     ) -> None:
         self.graph = graph
         self.layout = check_layout(layout)
         self.optimizer = optimizer
+        self.execution = execution or Execution()
+        if self.execution.precision != "fp32" or self.execution.device not in (None, "cpu"):
+            raise DeviceError(
+                "the reference computes in float64 on the host: it takes device None or 'cpu' and precision "
+                f"'fp32' (mixed precision is checked against it); got {self.execution}."
+            )
         self._weights: dict[str, np.ndarray] = {}
         self._state: dict[str, np.ndarray] = {}
         self.set_weights(dict(weights))
@@ -748,21 +763,60 @@ class ReferenceRunner:
     ) -> np.ndarray | dict[str, np.ndarray]:
         """The float32 output(s) for a batch in `layout`; training mode uses batch statistics and
         updates the running statistics."""
-        fwd = forward(self.graph, self._weights, self._to_nchw(x), training)
-        self._weights.update(fwd.running)
-        outputs = {name: self._out(value) for name, value in fwd.outputs.items()}
+        inputs = self._to_nchw(x)
+        if not (training and self._per_shard):
+            fwd = forward(self.graph, self._weights, inputs, training)
+            self._weights.update(fwd.running)
+            outputs = {name: self._out(value) for name, value in fwd.outputs.items()}
+        else:
+            shards = [forward(self.graph, self._weights, part, True) for _, part in self._shards(inputs)]
+            self._weights.update(shards[0].running)
+            outputs = {
+                name: self._out(np.concatenate([fwd.outputs[name] for fwd in shards]))
+                for name in shards[0].outputs
+            }
         return next(iter(outputs.values())) if len(outputs) == 1 else outputs
+
+    @property
+    def _per_shard(self) -> bool:
+        """Whether training-mode BatchNorm sees each device's shard rather than the global batch."""
+        return self.execution.devices > 1 and not self.execution.sync_batchnorm
+
+    def _shards(self, x: np.ndarray | Mapping[str, np.ndarray]) -> list[tuple[slice, Any]]:
+        """The rows and inputs of each non-empty device shard of a global batch (inputs cut alike)."""
+        first = next(iter(x.values())) if isinstance(x, Mapping) else x
+        rows = [slice(*b) for b in shard_bounds(len(first), self.execution.devices) if b[1] > b[0]]
+        if isinstance(x, Mapping):
+            return [(r, {name: value[r] for name, value in x.items()}) for r in rows]
+        return [(r, x[r]) for r in rows]
 
     def train_step(
         self, x: np.ndarray | Mapping[str, np.ndarray], labels: np.ndarray
     ) -> tuple[float, np.ndarray]:
         """One `sgd_step` in training mode; returns the loss and the float32 logits of the
         forward pass before the update."""
-        loss, grads, fwd = loss_and_grads(self.graph, self._weights, self._to_nchw(x), labels)
-        self._weights, self._state = _apply_sgd(
-            self._weights, grads, fwd.running, self.optimizer, self._state
-        )
-        return loss, self._out(fwd.outputs[self.graph.outputs[0]])
+        inputs = self._to_nchw(x)
+        if not self._per_shard:
+            loss, grads, fwd = loss_and_grads(self.graph, self._weights, inputs, labels)
+            self._weights, self._state = _apply_sgd(
+                self._weights, grads, fwd.running, self.optimizer, self._state
+            )
+            return loss, self._out(fwd.outputs[self.graph.outputs[0]])
+        labels = np.asarray(labels)
+        total = len(labels)
+        loss, grads, logits = 0.0, {}, []
+        running: dict[str, np.ndarray] = {}
+        for rows, part in self._shards(inputs):
+            shard_loss, shard_grads, fwd = loss_and_grads(self.graph, self._weights, part, labels[rows])
+            share = (rows.stop - rows.start) / total
+            loss += shard_loss * share
+            for name, grad in shard_grads.items():
+                if name in self._weights:  # not the inputs' gradients, whose shapes are per shard
+                    grads[name] = grads.get(name, 0.0) + grad * share
+            logits.append(fwd.outputs[self.graph.outputs[0]])
+            running = running or fwd.running
+        self._weights, self._state = _apply_sgd(self._weights, grads, running, self.optimizer, self._state)
+        return loss, self._out(np.concatenate(logits))
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of the following steps."""

@@ -35,8 +35,10 @@ import shutil
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -49,16 +51,26 @@ except ImportError:  # Windows: runs are not locked
     fcntl = None  # type: ignore[assignment]
 
 from multires import weights as weights_io
-from multires.backend import SGD, Runner, get_backend, resolve_layout
+from multires.backend import (
+    DEVICE_ENV,
+    SGD,
+    Execution,
+    HostTotals,
+    Runner,
+    get_backend,
+    make_runner,
+    resolve_layout,
+)
 from multires.data import Dataset, batch_indices, fashion_mnist, num_batches, resize_images, to_input
 from multires.errors import BackendUnavailableError, ShapeError, SpecError, TrainingError, WeightsError
 from multires.files import atomic_write
 from multires.graph import Conv2d, Dense, Graph
 from multires.shapes import Shape, check_layout, infer_shapes
 
-RunnerFactory = Callable[[Graph, Mapping[str, np.ndarray], str, SGD], Runner]
+RunnerFactory = Callable[..., Runner]
 """A callable building a Runner: `(graph, weights, layout, optimizer) -> Runner`, e.g.
-`multires.reference.ReferenceRunner`."""
+`multires.reference.ReferenceRunner`; given a non-default `Execution` (devices, precision), it is
+passed as a fifth argument."""
 
 CHECKPOINT = "checkpoint.json"
 CHECKPOINT_FORMAT = "multires.checkpoint"
@@ -85,9 +97,10 @@ RESUME_KEYS = (
     "antialias",
     "limit",
 )
-"""Config entries a resumed run must share with its checkpoint (epochs, backend and layout may
-change: canonical weights and momentum buffers move between backends; epochs may not under a
-cosine schedule, whose rates depend on the run's length)."""
+"""Config entries a resumed run must share with its checkpoint (epochs, backend, layout, device,
+device count and precision may change: canonical weights and momentum buffers move between
+backends and devices; epochs may not under a cosine schedule, whose rates depend on the run's
+length)."""
 
 
 def learning_rate(schedule: str, lr: float, step: int, total: int) -> float:
@@ -260,17 +273,63 @@ def _due(step: int, every: int | None, steps: int) -> bool:
     return every is not None and step % every == 0 and step < steps
 
 
-def _step(runner: Runner, dataset: Dataset, idx: np.ndarray, position: _Position) -> None:
-    """One optimizer step on the examples `idx`, added to the position's sums (timed, as the book
-    times its loop, from the batch's preparation to the end of the update)."""
-    began = time.perf_counter()
-    labels = dataset.labels[idx].astype(np.int64)
-    loss, logits = runner.train_step(to_input(dataset.images[idx], runner.layout), labels)
-    position.loss_sum += float(loss) * len(idx)
-    position.correct += int((np.argmax(logits, axis=1) == labels).sum())
-    position.examples += len(idx)
-    position.step += 1
-    position.seconds += time.perf_counter() - began
+PREFETCH = 2
+"""Batches the trainer's background thread prepares ahead of the step that runs."""
+
+TOTALS_PER_EPOCH = 50
+"""How often per epoch the trainer reads the device's loss and accuracy totals (which waits for
+the device), besides checkpoints and the epoch's end: the progress display's refresh. The device
+runs ahead in between; the points are steps, not seconds, so the sums add up in the same order in
+an interrupted and resumed run as in a whole one."""
+
+
+class _StepAdapter(HostTotals):
+    """`prepare`/`step`/`take_totals` for a Runner that implements only `train_step`."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def train_step(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+        return self.runner.train_step(x, labels)
+
+
+def _stepper(runner: Runner) -> Runner | _StepAdapter:
+    """The runner itself where it keeps totals on its device, else a host-side adapter."""
+    return runner if hasattr(runner, "step") else _StepAdapter(runner)
+
+
+def _prefetched(
+    stepper: Runner | _StepAdapter, layout: str, dataset: Dataset, order: Iterator[np.ndarray]
+) -> Iterator[Any]:
+    """The runner's prepared batches in `order`, each made ready (images converted, checked and
+    sent towards the device) in a background thread while the steps before it run."""
+
+    def prepare(idx: np.ndarray) -> Any:
+        return stepper.prepare(to_input(dataset.images[idx], layout), dataset.labels[idx].astype(np.int64))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="multires-prefetch") as pool:
+        pending: deque[Future[Any]] = deque()
+        try:
+            for idx in order:
+                pending.append(pool.submit(prepare, idx))
+                if len(pending) > PREFETCH:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _collect(stepper: Runner | _StepAdapter, position: _Position, since: float) -> float:
+    """Add the device's totals and the seconds since `since` to the position; returns the time now."""
+    loss_sum, correct, examples = stepper.take_totals()
+    now = time.perf_counter()
+    position.loss_sum += float(loss_sum)
+    position.correct += int(correct)
+    position.examples += int(examples)
+    position.seconds += now - since
+    return now
 
 
 def train(
@@ -297,6 +356,10 @@ def train(
     checkpoint_every: int | None = 100,
     plot: bool | None = None,
     progress: bool = True,
+    device: str | None = None,
+    devices: int = 1,
+    precision: str = "fp32",
+    sync_batchnorm: bool = True,
 ) -> History:
     """Train `model` (a zoo name or a Graph) on Fashion-MNIST with SGD in `backend`; returns the History.
 
@@ -315,6 +378,14 @@ def train(
     (default: when matplotlib is installed) writes `history.png`. `progress` shows a progress
     bar per epoch and a line per epoch on stderr; where stderr is not a terminal (a log file), a
     progress line every tenth of an epoch or `PROGRESS_SECONDS` replaces the bar.
+
+    `device`, `devices`, `precision` and `sync_batchnorm` place the Runner (`multires.backend.Execution`):
+    with `devices` > 1 each step splits its batch over the devices and gives the same update as one
+    device on the whole batch (with synchronised BatchNorm), so a run may resume with another device
+    count. Batches are prepared in a background thread (`PREFETCH` ahead) and the loss and accuracy
+    are summed on the device, read `TOTALS_PER_EPOCH` times an epoch. Under multi-process data parallelism
+    (torchrun, `jax.distributed`) every process runs `train`; only the main one (rank 0) prints,
+    locks `out` and writes files.
     """
     from multires.zoo import spec
 
@@ -328,71 +399,87 @@ def train(
     _check_schedule(schedule)
     if resume and out is None:
         raise TrainingError("resume=True needs the run folder `out` that holds the checkpoint.")
-    with _run_lock(Path(out)) if out is not None else nullcontext():
-        if out is not None and not resume and (existing := read_checkpoint(out)) is not None:
-            raise _existing_run(Path(out), existing)
-        make_runner = _runner_factory(backend, layout)
-        if plot is None:
-            plot = out is not None and _has_matplotlib()
-        elif plot:
-            _matplotlib()
-        train_set, test_set = _datasets(data, root, resize, antialias, limit, progress)
-        height, width = train_set.images.shape[1:]
-        _check_graph(graph, (1, 1, height, width), len(train_set.classes))
+    execution = Execution(device or os.environ.get(DEVICE_ENV) or None, devices, precision, sync_batchnorm)
+    if out is not None and not resume and (existing := read_checkpoint(out)) is not None:
+        raise _existing_run(Path(out), existing)
+    build_runner = _runner_factory(backend, layout, execution)
+    if plot is None:
+        plot = out is not None and _has_matplotlib()
+    elif plot:
+        _matplotlib()
+    train_set, test_set = _datasets(data, root, resize, antialias, limit, progress)
+    height, width = train_set.images.shape[1:]
+    _check_graph(graph, (1, 1, height, width), len(train_set.classes))
+    _check_shards(len(train_set), batch_size, execution.devices)
 
-        config = {
-            "model": graph.name,
-            "graph": graph.to_dict(),
-            "backend": backend if isinstance(backend, str) else _qualname(backend),
-            "epochs": epochs,
-            "init": init if weights is None else "given",
-            "lr": lr,
-            "schedule": schedule,
-            "momentum": momentum,
-            "weight_decay": weight_decay,
-            "batch_size": batch_size,
-            "seed": seed,
-            "resize": list(resize) if isinstance(resize, tuple) else resize,
-            "antialias": antialias,
-            "limit": limit,
-            "image_size": [int(height), int(width)],
-            "train_examples": len(train_set),
-            "test_examples": len(test_set),
-        }
-        optimizer = SGD(lr=lr, momentum=momentum, weight_decay=weight_decay)
-        start = _initial_weights(graph, weights, init, seed, (1, 1, height, width))
-        runner = make_runner(graph, start, optimizer)
-        config["layout"] = runner.layout
+    config = {
+        "model": graph.name,
+        "graph": graph.to_dict(),
+        "backend": backend if isinstance(backend, str) else _qualname(backend),
+        "epochs": epochs,
+        "init": init if weights is None else "given",
+        "lr": lr,
+        "schedule": schedule,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "batch_size": batch_size,
+        "seed": seed,
+        "resize": list(resize) if isinstance(resize, tuple) else resize,
+        "antialias": antialias,
+        "limit": limit,
+        "image_size": [int(height), int(width)],
+        "train_examples": len(train_set),
+        "test_examples": len(test_set),
+        **asdict(execution),
+    }
+    optimizer = SGD(lr=lr, momentum=momentum, weight_decay=weight_decay)
+    start = _initial_weights(graph, weights, init, seed, (1, 1, height, width))
+    runner = build_runner(graph, start, optimizer)
+    config["layout"] = runner.layout
+    main = getattr(runner, "is_main", True)
+    folder = Path(out) if out is not None else None
+    writes = folder if main else None
+    with ExitStack() as stack:
+        if writes is not None:
+            stack.enter_context(_run_lock(writes))
         history = History(config)
         position = _Position()
-        folder = Path(out) if out is not None else None
-        console = _console(progress)
+        console = _console(progress and main)
         steps = num_batches(len(train_set), batch_size)
         if folder is not None:
             position, history = _start(folder, resume, runner, graph, config, console, steps)
+        stepper = _stepper(runner)
         while position.epoch < epochs:
             title = f"epoch {position.epoch + 1}/{epochs}"
-            with _progress_bar(console, progress, title, steps, position.step) as show:
-                for idx in batch_indices(len(train_set), batch_size, seed, position.epoch, position.step):
+            order = batch_indices(len(train_set), batch_size, seed, position.epoch, position.step)
+            every = max(1, steps // TOTALS_PER_EPOCH)
+            with _progress_bar(console, progress and main, title, steps, position.step) as show:
+                since = time.perf_counter()
+                for batch in _prefetched(stepper, runner.layout, train_set, order):
                     if schedule != "constant":
                         done = position.epoch * steps + position.step
                         runner.set_lr(learning_rate(schedule, lr, done, epochs * steps))
-                    _step(runner, train_set, idx, position)
+                    stepper.step(batch)
+                    position.step += 1
+                    checkpoint = folder is not None and _due(position.step, checkpoint_every, steps)
+                    if checkpoint or position.step == steps or position.step % every == 0:
+                        since = _collect(stepper, position, since)
                     show(position)
-                    if folder is not None and _due(position.step, checkpoint_every, steps):
-                        with _disk(folder):
-                            _save_checkpoint(folder, runner, graph, position, history)
+                    if checkpoint and writes is not None:
+                        with _disk(writes):
+                            _save_checkpoint(writes, runner, graph, position, history)
+                        since = time.perf_counter()
             record = position.finish(evaluate(runner, test_set, batch_size))
             history.epochs.append(record)
             position = _Position(epoch=record.epoch)
             console.print(f"{title}: {record.summary()}", highlight=False)
-            if folder is not None:
-                with _disk(folder):
-                    _save_checkpoint(folder, runner, graph, position, history)
-                    history.save(folder, plot=plot)
-        if folder is not None:
-            with _disk(folder):
-                weights_io.save(runner.weights(), folder / "weights.safetensors", graph)
+            if writes is not None:
+                with _disk(writes):
+                    _save_checkpoint(writes, runner, graph, position, history)
+                    history.save(writes, plot=plot)
+        if writes is not None:
+            with _disk(writes):
+                weights_io.save(runner.weights(), writes / "weights.safetensors", graph)
         history.runner = runner
         return history
 
@@ -481,6 +568,16 @@ def _check_graph(graph: Graph, input_shape: tuple[int, int, int, int], classes: 
         )
 
 
+def _check_shards(examples: int, batch_size: int, devices: int) -> None:
+    """Raise TrainingError unless every batch of the epoch gives each device at least one example."""
+    last = examples % batch_size or batch_size
+    if min(batch_size, last) < devices:
+        raise TrainingError(
+            f"devices={devices} needs at least {devices} examples in every batch, but with {examples} examples "
+            f"and batch size {batch_size} the last batch has {last}. Change the batch size, limit or devices."
+        )
+
+
 def xavier_weights(graph: Graph, seed: int = 0, input_shape: Shape | None = None) -> dict[str, np.ndarray]:
     """The book's initialisation (d2l's `init_cnn`): `init_weights`, with every convolution and
     dense weight redrawn Xavier-uniform, `U(-a, a)` with `a = sqrt(6 / (fan_in + fan_out))` as
@@ -517,10 +614,10 @@ def _initial_weights(
 
 
 def _runner_factory(
-    backend: str | RunnerFactory, layout: str | None
+    backend: str | RunnerFactory, layout: str | None, execution: Execution
 ) -> Callable[[Graph, Mapping[str, np.ndarray], SGD], Runner]:
-    """A function building the backend's Runner in `layout`; checks the backend can train before
-    any data is loaded."""
+    """A function building the backend's Runner in `layout` as `execution` places it; checks the
+    backend can train before any data is loaded."""
     if isinstance(backend, str) and backend.lower() == "reference":
         from multires.reference import ReferenceRunner
 
@@ -528,7 +625,8 @@ def _runner_factory(
         backend = cast(RunnerFactory, ReferenceRunner)
     if not isinstance(backend, str):
         factory, chosen = backend, check_layout(layout or "NCHW")
-        return lambda graph, weights, optimizer: factory(graph, weights, chosen, optimizer)
+        extra = () if execution == Execution() else (execution,)
+        return lambda graph, weights, optimizer: factory(graph, weights, chosen, optimizer, *extra)
     module = get_backend(backend)
     if not getattr(module, "TRAINING", True):
         raise TrainingError(
@@ -536,7 +634,9 @@ def _runner_factory(
             "lists them) and export the trained weights to it."
         )
     resolved = resolve_layout(module, layout)
-    return lambda graph, weights, optimizer: module.make_runner(graph, weights, resolved, optimizer)
+    return lambda graph, weights, optimizer: make_runner(
+        graph, weights, module.NAME, resolved, optimizer, **asdict(execution)
+    )
 
 
 # Checkpoints.
@@ -683,7 +783,8 @@ def _start(
         runner.set_optimizer_state(weights_io.load_file(arrays / "optimizer.safetensors"))
     except WeightsError as error:
         raise TrainingError(f"{arrays}: the checkpoint's arrays are unusable: {error}") from None
-    saved.config = {**saved.config, **{k: config[k] for k in ("epochs", "backend", "layout")}}
+    changeable = ("epochs", "backend", "layout", "device", "devices", "precision", "sync_batchnorm")
+    saved.config = {**saved.config, **{k: config[k] for k in changeable}}
     position = _Position(**record["position"])
     console.print(
         f"resuming {folder} at epoch {position.epoch + 1}/{config['epochs']}, step {position.step}/{steps} "
@@ -741,6 +842,8 @@ def _progress_bar(
             stats = (
                 f"loss {position.loss_sum / position.examples:.3f} acc {position.correct / position.examples:.3f} "
                 f"{position.examples / position.seconds if position.seconds else 0:.0f} ex/s"
+                if position.examples
+                else ""
             )
             bar.update(task, completed=position.step, stats=stats)
             now = time.monotonic()

@@ -21,7 +21,7 @@ import onnx
 from multires.files import atomic_write
 
 from .lowering import IR_VERSION, LAYOUTS, LOWERINGS, OPSET, build, model_graph, model_layout
-from .runner import InferenceOnlyError, OnnxRunner, inference_session, make_runner
+from .runner import InferenceOnlyError, OnnxRunner, available_devices, inference_session, make_runner
 from .weights import export_weights, load_weights
 
 NAME = "onnx"
@@ -51,6 +51,7 @@ __all__ = [
     "TRAINING",
     "InferenceOnlyError",
     "OnnxRunner",
+    "available_devices",
     "build",
     "export_weights",
     "inference_session",

@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from multires.backend import SGD
-from multires.errors import TrainingError, WeightsError
+from multires.backend import SGD, Execution, HostTotals, unknown_device
+from multires.errors import DeviceError, TrainingError, WeightsError
 from multires.graph import Graph
 from multires.shapes import check_input_shape
 
@@ -40,21 +40,58 @@ def inference_session(
 ) -> ort.InferenceSession:
     """An onnxruntime session for `model` with full graph optimisation; `threads` sets the
     intra-op thread count (default: onnxruntime's, one per physical core)."""
+    return ort.InferenceSession(model.SerializeToString(), _options(threads), providers=list(providers))
+
+
+def _options(threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+    return options
 
 
-class OnnxRunner:
-    """A `multires.Runner` over a model from `build`, run by onnxruntime on the CPU in float32."""
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+"""onnxruntime's execution provider for each device kind."""
 
-    def __init__(self, graph: Graph, weights: Mapping[str, np.ndarray], layout: str) -> None:
+
+def available_devices() -> list[str]:
+    """`cpu`, and `cuda` where this onnxruntime build has the CUDA provider."""
+    have = set(ort.get_available_providers())
+    return [kind for kind, provider in PROVIDERS.items() if provider in have]
+
+
+def providers(execution: Execution) -> list[str | tuple[str, dict[str, str]]]:
+    """The session providers for `execution`'s device (`cpu`, `cuda` or `cuda:N`), or a DeviceError:
+    ONNX runs one device in float32 (inference; no data parallelism or mixed precision here)."""
+    if execution.devices != 1 or execution.precision != "fp32":
+        raise DeviceError(
+            f"onnx runs inference on one device in float32; got devices={execution.devices}, precision="
+            f"{execution.precision!r}. Use a framework backend for data parallelism and mixed precision."
+        )
+    kind, _, index = (execution.device or "cpu").lower().partition(":")
+    if kind not in available_devices() or (index and (kind != "cuda" or not index.isdigit())):
+        raise unknown_device("onnx", str(execution.device), available_devices())
+    if kind == "cuda":
+        return [(PROVIDERS["cuda"], {"device_id": index or "0"}), PROVIDERS["cpu"]]
+    return [PROVIDERS["cpu"]]
+
+
+class OnnxRunner(HostTotals):
+    """A `multires.Runner` over a model from `build`, run by onnxruntime in float32 (on the CPU, or
+    a GPU through the CUDA provider where the onnxruntime build has it)."""
+
+    is_main = True
+
+    def __init__(
+        self, graph: Graph, weights: Mapping[str, np.ndarray], layout: str, execution: Execution | None = None
+    ) -> None:
         self.graph = graph
         self.layout = layout
+        self.execution = execution or Execution()
+        chosen = providers(self.execution)
         self.model = build(graph, layout, weights)
-        self.session = inference_session(self.model)
+        self.session = ort.InferenceSession(self.model.SerializeToString(), _options(), providers=chosen)
 
     def _feed(self, x: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if isinstance(x, Mapping):
@@ -107,9 +144,15 @@ class OnnxRunner:
             )
 
 
-def make_runner(graph: Graph, weights: Mapping[str, np.ndarray], layout: str, optimizer: SGD) -> OnnxRunner:
-    """A `multires.Runner` for `graph` with canonical `weights`, inputs in `layout`.
+def make_runner(
+    graph: Graph,
+    weights: Mapping[str, np.ndarray],
+    layout: str,
+    optimizer: SGD,
+    execution: Execution | None = None,
+) -> OnnxRunner:
+    """A `multires.Runner` for `graph` with canonical `weights`, inputs in `layout`, on `execution`'s device.
 
     `optimizer` is accepted for the backend contract and unused: the runner is inference-only.
     """
-    return OnnxRunner(graph, weights, layout)
+    return OnnxRunner(graph, weights, layout, execution)

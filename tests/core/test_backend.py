@@ -20,6 +20,7 @@ from multires import (
     BackendNotFoundError,
     BackendUnavailableError,
     Dense,
+    DeviceError,
     Flatten,
     GlobalAvgPool,
     Graph,
@@ -333,3 +334,14 @@ def test_a_lowering_table_takes_one_lowering_per_node_type() -> None:
         SpecError, match=r"backend 'fakeflow' has no lowering for node type Dense; it lowers \['ReLU'\]"
     ):
         table[Dense]
+
+
+def test_a_backend_without_execution_runs_only_the_default_placement(fakeflow: types.ModuleType) -> None:
+    """A backend written before devices existed (a 4-argument make_runner) keeps working, and a
+    device, device count or precision it cannot take is a DeviceError naming it."""
+    graph = tiny_graph()
+    weights = multires.init_weights(graph, 0)
+    assert multires.make_runner(graph, weights, "fakeflow").layout == "NCHW"
+    for setting in ({"device": "cuda"}, {"devices": 2}, {"precision": "bf16"}):
+        with pytest.raises(DeviceError, match="backend 'fakeflow' takes no device, devices or precision"):
+            multires.make_runner(graph, weights, "fakeflow", **setting)

@@ -67,6 +67,15 @@ def _install(session: nox.Session, *pins: str) -> None:
     session.install("-e", ".")
 
 
+def backend_test_files(backend: str) -> list[str]:
+    """`tests/backends/test_<backend>.py` and `test_<backend>_*.py` (devices, data parallelism, ...)."""
+    folder = Path("tests/backends")
+    return [
+        str(path)
+        for path in sorted(folder.glob(f"test_{backend}.py")) + sorted(folder.glob(f"test_{backend}_*.py"))
+    ]
+
+
 def _backend_tests(session: nox.Session, backend: str, *extra: str) -> None:
     """The conformance suite, the backend's own tests, its interchange tests and the docs examples
     of its tabs."""
@@ -74,7 +83,7 @@ def _backend_tests(session: nox.Session, backend: str, *extra: str) -> None:
     session.run(
         "pytest",
         "tests/conformance",
-        f"tests/backends/test_{backend}.py",
+        *backend_test_files(backend),
         *INTERCHANGE_TESTS[backend],
         "tests/docs",
         "--backend",
@@ -164,7 +173,7 @@ def package(session: nox.Session) -> None:
 @nox.session(name="tests-torch", python=PYTHON)
 def tests_torch(session: nox.Session) -> None:
     """PyTorch backend: conformance suite, backend tests, docs examples."""
-    _backend_tests(session, "torch")
+    _backend_tests(session, "torch", "tests/backends/test_gpu_check.py")
 
 
 @nox.session(name="tests-tf", python=PYTHON)
@@ -193,7 +202,7 @@ def tests_mxnet(session: nox.Session) -> None:
             env={"MULTIRES_MXNET_HYBRIDIZE": hybridize},
         )
     session.run(
-        "pytest", "tests/backends/test_mxnet.py", *INTERCHANGE_TESTS["mxnet"], "tests/docs", *session.posargs
+        "pytest", *backend_test_files("mxnet"), *INTERCHANGE_TESTS["mxnet"], "tests/docs", *session.posargs
     )
 
 
@@ -201,7 +210,7 @@ def tests_mxnet(session: nox.Session) -> None:
 def tests_onnx(session: nox.Session) -> None:
     """ONNX backend with onnxruntime (inference-only): eval conformance, backend tests, docs, and an
     exported model run by onnxruntime-node (Node.js; skipped without node and npm)."""
-    _backend_tests(session, "onnx", "tests/backends/test_onnx_node.py")
+    _backend_tests(session, "onnx")
 
 
 @nox.session(name="tests-combined", python=PYTHON)
@@ -214,6 +223,8 @@ def tests_combined(session: nox.Session) -> None:
         "pytest", *INTERCHANGE_TESTS["tf"], *INTERCHANGE_TESTS["flax"], "tests/docs", *session.posargs
     )
     session.run("multires", "compare", "resnet18", "--input", "2,3,64,64", "--backends", "torch,tf,flax,onnx")
+    with tempfile.TemporaryDirectory() as out:
+        session.run("python", "benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--out", out)
 
 
 @nox.session(name="tests-flax-oldest", python=PYTHON)
@@ -223,7 +234,7 @@ def tests_flax_oldest(session: nox.Session) -> None:
     session.run(
         "pytest",
         "tests/conformance",
-        "tests/backends/test_flax.py",
+        *backend_test_files("flax"),
         *INTERCHANGE_TESTS["flax"],
         "--backend",
         "flax",

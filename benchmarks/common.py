@@ -6,16 +6,20 @@ both the wall clock and the CPU time of the process (all threads): on a machine 
 other jobs the wall clock also measures the neighbours, while CPU seconds still measure the work
 a model does. On an accelerator, read the wall clock. `compare` and `compare_columns` give the
 fields and table columns of a row comparing two candidates (rates, ratios, first-call seconds).
+`machine` and `framework_versions` say where and with what a row was measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,38 @@ MODES = ("inference", "train_step")
 
 Row = dict[str, Any]
 """A table row: column key -> value (`format_table` columns, `write_json` rows)."""
+
+DISTRIBUTIONS = {
+    "torch": ("torch",),
+    "tf": ("tensorflow-cpu", "tensorflow", "keras"),
+    "flax": ("jax", "jaxlib", "flax", "optax"),
+    "mxnet": ("mxnet",),
+    "onnx": ("onnxruntime",),
+}
+"""Distributions whose versions identify a backend's framework."""
+
+
+def framework_versions(backend: str) -> str:
+    """`torch 2.13.0`-style versions of the framework packages installed for `backend`."""
+    found = []
+    for name in DISTRIBUTIONS.get(backend, (backend,)):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(found) or "unknown"
+
+
+def machine() -> str:
+    """CPU model, logical cores and OS of this machine."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
 
 
 @dataclass(frozen=True)
@@ -41,10 +77,10 @@ class Timing:
 
 
 def time_calls(
-    function: Callable[[], Any], calls: int, sync: Callable[[], None] = lambda: None
+    function: Callable[[], Any], calls: int, sync: Callable[[], object] = lambda: None
 ) -> tuple[float, float]:
     """Wall and process-CPU seconds per call of `function`, over `calls` calls; `sync` waits for
-    queued device work (e.g. `torch.cuda.synchronize`)."""
+    queued device work (e.g. `torch.cuda.synchronize`, or a Runner's `take_totals`)."""
     sync()
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(calls):

@@ -121,7 +121,8 @@ class Execution:
 
     `device` is the framework's device in its own spelling ("cpu", "cuda", "cuda:1", "mps" in
     torch; "CPU", "GPU", "GPU:0" in tf; "cpu", "gpu" in flax; "cpu", "gpu", "gpu(1)" in mxnet);
-    None is the framework's CPU. `devices` > 1 is data parallelism: each step splits the global
+    None is the framework's default device (the CPU, except in tf, whose default is its first GPU
+    where it has one). `devices` > 1 is data parallelism: each step splits the global
     batch into `devices` contiguous shards (`shard_bounds`), each device computes its shard's summed
     loss divided by the global batch size, and the gradients are summed, so the update equals a
     single-device step on the whole batch. `sync_batchnorm` (the default) computes training-mode

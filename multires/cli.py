@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from multires import backend as registry
+from multires import launch
 from multires.errors import BackendUnavailableError, MultiresError, SpecError
 from multires.graph import Graph
 from multires.shapes import (
@@ -358,9 +359,10 @@ def train_command(args: argparse.Namespace) -> int:
     from multires.train import train
 
     backend = args.backend if args.backend.lower() == "reference" else registry.canonical_name(args.backend)
-    if args.devices > 1 and backend == "torch" and "WORLD_SIZE" not in os.environ:
-        return _torchrun(args.devices)
-    if args.devices > 1 and backend in ("tf", "flax") and (args.device or "cpu").lower() == "cpu":
+    if args.devices > 1 and backend == "torch" and not launch.under_torchrun():
+        return launch.torchrun(args.devices, ["-m", "multires", *sys.argv[1:]])
+    on_cpu = (args.device or "cpu").lower() == "cpu"
+    if args.devices > 1 and backend in ("tf", "flax", "mxnet") and on_cpu and args.coordinator is None:
         os.environ.setdefault(registry.CPU_DEVICES_ENV, str(args.devices))
     if args.coordinator is not None:
         _initialize_jax(backend, args)
@@ -391,26 +393,6 @@ def train_command(args: argparse.Namespace) -> int:
     if history.runner is None or getattr(history.runner, "is_main", True):
         print(history.summary())
     return 0
-
-
-def _torchrun(devices: int) -> int:
-    """Run this command again under torchrun, one process per device on this machine (its exit status)."""
-    import subprocess
-
-    try:
-        import torch.distributed.run  # noqa: F401
-    except ModuleNotFoundError:
-        raise BackendUnavailableError(
-            "--devices in torch needs PyTorch: pip install 'multires[torch]'"
-        ) from None
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}"]
-    environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(_threads(devices)))}
-    return subprocess.call([*command, "-m", "multires", *sys.argv[1:]], env=environment)
-
-
-def _threads(processes: int) -> int:
-    """CPU threads per process when `processes` share this machine."""
-    return max(1, (os.cpu_count() or 1) // processes)
 
 
 def _initialize_jax(backend: str, args: argparse.Namespace) -> None:
@@ -635,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command].run(args)
     except MultiresError as error:
         message = " ".join(str(error).split())
-        print(f"error: {message}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, every process fails alike: say it once
+            print(f"error: {message}", file=sys.stderr)
         return USAGE_ERROR
 
 

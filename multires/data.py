@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import math
 import os
+import struct
 import tempfile
 import urllib.error
 import urllib.request
@@ -68,6 +69,12 @@ CLASSES = (
     "Ankle boot",
 )
 """The ten class names, indexed by label."""
+
+MAX_IDX_BYTES = 2**30
+"""The largest IDX payload decompressed from a `.gz` (1 GiB; Fashion-MNIST's largest holds 47 MB)."""
+
+_CHUNK = 2**20
+"""Bytes decompressed at a time."""
 
 _IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype("u1"),
@@ -206,15 +213,47 @@ def _load(name: str, root: str | os.PathLike | None, download: bool, progress: b
 
 
 def _decompressed(path: Path) -> bytes:
-    data = path.read_bytes()
-    if data[:2] != b"\x1f\x8b":
-        return data
-    try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as error:
+    """The file's bytes, gunzipped if it is gzipped. Decompression runs in chunks and stops past
+    the size the IDX header promises (`MAX_IDX_BYTES` when there is no IDX header), so a gzip bomb
+    is refused, naming the file, after costing no more memory than the file it claims to be."""
+    with path.open("rb") as raw:
+        if raw.read(2) != b"\x1f\x8b":
+            raw.seek(0)
+            return raw.read()
+        raw.seek(0)
+        try:
+            with gzip.GzipFile(fileobj=raw) as stream:
+                data = bytearray(stream.read(4))
+                if len(data) == 4 and data[:2] == b"\x00\x00" and data[2] in _IDX_DTYPES:
+                    data += stream.read(4 * data[3])
+                limit, promise = _gzip_limit(bytes(data), path)
+                while len(data) <= limit and (chunk := stream.read(min(_CHUNK, limit + 1 - len(data)))):
+                    data += chunk
+        except (OSError, EOFError, zlib.error) as error:
+            raise DataError(
+                f"{path}: corrupt or truncated gzip file ({error}). Delete it and fetch it again."
+            ) from None
+    if len(data) > limit:
         raise DataError(
-            f"{path}: corrupt or truncated gzip file ({error}). Delete it and fetch it again."
-        ) from None
+            f"{path}: the gzip data expands past {promise} (a gzip bomb or a corrupt file). Delete it "
+            "and fetch it again."
+        )
+    return bytes(data)
+
+
+def _gzip_limit(head: bytes, path: Path) -> tuple[int, str]:
+    """The most bytes to decompress for a payload starting with `head`, and why: the size of the
+    IDX file whose header `head` is (refused when over `MAX_IDX_BYTES`), else `MAX_IDX_BYTES`."""
+    if len(head) < 4 or len(head) < 4 + 4 * head[3] or head[:2] != b"\x00\x00" or head[2] not in _IDX_DTYPES:
+        return MAX_IDX_BYTES, f"the {MAX_IDX_BYTES} bytes multires decompresses"
+    shape = struct.unpack(f">{head[3]}I", head[4:])
+    size = len(head) + math.prod(shape) * _IDX_DTYPES[head[2]].itemsize
+    if size > MAX_IDX_BYTES:
+        raise DataError(
+            f"{path}: its IDX header promises shape {shape} ({size} bytes), over the {MAX_IDX_BYTES} "
+            "bytes multires decompresses. Replace it with the official file."
+        )
+    return size, f"the {size} bytes its IDX header promises (shape {shape})"
 
 
 def _verified(path: Path, name: str) -> bytes:

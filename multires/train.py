@@ -52,7 +52,6 @@ except ImportError:  # Windows: runs are not locked
 
 from multires import weights as weights_io
 from multires.backend import (
-    DEVICE_ENV,
     SGD,
     Execution,
     HostTotals,
@@ -399,7 +398,7 @@ def train(
     _check_schedule(schedule)
     if resume and out is None:
         raise TrainingError("resume=True needs the run folder `out` that holds the checkpoint.")
-    execution = Execution(device or os.environ.get(DEVICE_ENV) or None, devices, precision, sync_batchnorm)
+    execution = Execution(device, devices, precision, sync_batchnorm)
     if out is not None and not resume and (existing := read_checkpoint(out)) is not None:
         raise _existing_run(Path(out), existing)
     build_runner = _runner_factory(backend, layout, execution)
@@ -436,6 +435,7 @@ def train(
     start = _initial_weights(graph, weights, init, seed, (1, 1, height, width))
     runner = build_runner(graph, start, optimizer)
     config["layout"] = runner.layout
+    config.update(asdict(getattr(runner, "execution", execution)))  # a device from MULTIRES_DEVICE too
     main = getattr(runner, "is_main", True)
     folder = Path(out) if out is not None else None
     writes = folder if main else None

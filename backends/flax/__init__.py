@@ -11,7 +11,11 @@ A linen Module holds no state, so `load_weights` (behind `multires.build(..., we
 `multires.weights.load`) returns the model bound to its variables; `bound.unbind()` gives
 `(model, variables)` back.
 `lowering` holds the per-node-type lowering table and `build`, `weights` the canonical <->
-variables glue, `runner` the `Runner`.
+variables glue, `runner` the `Runner`, `execution` device names, the CPU device count and
+multi-process JAX (`initialize_distributed`).
+
+Importing this backend applies `MULTIRES_CPU_DEVICES` (XLA host devices for data parallelism on
+a CPU-only machine) if JAX has not started yet.
 """
 
 from __future__ import annotations
@@ -20,22 +24,35 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from multires.backend import SGD
+from multires.backend import SGD, Execution
 from multires.graph import Graph
 
+from .execution import available_devices, expose_cpu_devices, initialize_distributed
 from .lowering import LOWERINGS, Model, SpecBatchNorm, build
 from .runner import FlaxRunner
 from .weights import export_weights, load_variables, load_weights
+
+expose_cpu_devices()
 
 NAME = "flax"
 LAYOUTS = ("NHWC", "NCHW")
 """NHWC is native; NCHW transposes inputs (and 4-D outputs) at the model's boundary."""
 FRAMEWORK_MODULES = ("flax", "jax")
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""Every `multires.PRECISIONS`: a Flax compute dtype with float32 parameters, float16 with
+Flax's `DynamicScale` loss scaling."""
 
 
-def make_runner(graph: Graph, weights: Mapping[str, np.ndarray], layout: str, optimizer: SGD) -> FlaxRunner:
-    """A `multires.Runner` for `graph` with canonical `weights`, inputs in `layout`."""
-    return FlaxRunner(graph, weights, layout, optimizer)
+def make_runner(
+    graph: Graph,
+    weights: Mapping[str, np.ndarray],
+    layout: str,
+    optimizer: SGD,
+    execution: Execution | None = None,
+) -> FlaxRunner:
+    """A `multires.Runner` for `graph` with canonical `weights`, inputs in `layout`, placed,
+    parallelised and in the precision `execution` says (one CPU device, float32 by default)."""
+    return FlaxRunner(graph, weights, layout, optimizer, execution)
 
 
 __all__ = [
@@ -43,11 +60,14 @@ __all__ = [
     "LAYOUTS",
     "LOWERINGS",
     "NAME",
+    "PRECISIONS",
     "FlaxRunner",
     "Model",
     "SpecBatchNorm",
+    "available_devices",
     "build",
     "export_weights",
+    "initialize_distributed",
     "load_variables",
     "load_weights",
     "make_runner",

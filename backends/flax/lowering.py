@@ -1,6 +1,6 @@
 """Lowering a spec Graph to a `flax.linen` Module: one small function per node type, in a table.
 
-Each lowering turns a node into a `Layer`, a function `(inputs, train) -> output` called inside
+Each lowering turns a node into a `Layer`, a function `(inputs, mode) -> output` called inside
 the enclosing module's compact method, so the Flax modules it creates are named after the node.
 Canonical names nest: the node `layer1.0.conv1` is the module `conv1` inside the namespace
 modules `layer1` and `0`, so its kernel is `params['layer1']['0']['conv1']['kernel']` and
@@ -12,6 +12,14 @@ pads are -inf, a BatchNorm node with the biased running variance is `nn.BatchNor
 the unbiased one (PyTorch's) `SpecBatchNorm`, Flatten reads channel-major. Convolutions and
 matmuls run at `precision` ("highest" by default: full float32 on accelerators that would
 otherwise round to TF32/bfloat16; CPU is float32 anyway).
+
+Mixed precision is Flax's own: a compute `dtype` (bfloat16 or float16) given to every Conv and
+Dense (`dtype=`, with float32 `param_dtype`) and to BatchNorm, which computes its statistics and
+normalises in float32 and returns the compute dtype. Data parallelism needs two more things of
+training-mode BatchNorm, both given through `Mode`: a `mask` of the rows that count (padding rows
+that even out the devices' shards are left out of the statistics and get no gradient), and
+`groups`, separate statistics for each of that many equal contiguous parts of the batch (one per
+device without synchronised BatchNorm; XLA keeps each part's reduction on its device).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
 
@@ -46,11 +55,33 @@ from multires.graph import (
 )
 from multires.shapes import check_input_shape, check_layout, infer_shapes
 
-Layer = Callable[[Sequence[jax.Array], bool], jax.Array]
-"""A lowered node: `(inputs, train) -> output`, called inside the parent module's compact method."""
 
-Lowering = Callable[[Any, str, Any], Layer]
-"""`(node, module_name, precision) -> Layer`."""
+@dataclass(frozen=True)
+class Compute:
+    """How the lowered layers compute, fixed when the model is built: the matmul and convolution
+    `precision`, the compute `dtype` (None: float32, the parameters' own; `jnp.bfloat16` or
+    `jnp.float16` for mixed precision, parameters staying float32) and the number of BatchNorm
+    statistics `groups` (see the module docstring)."""
+
+    precision: Any = "highest"
+    dtype: Any = None
+    groups: int = 1
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How one call computes: training or evaluation, and in training the batch's row `mask`
+    (1 for rows that count, 0 for padding; None: every row counts)."""
+
+    train: bool = False
+    mask: jax.Array | None = None
+
+
+Layer = Callable[[Sequence[jax.Array], Mode], jax.Array]
+"""A lowered node: `(inputs, mode) -> output`, called inside the parent module's compact method."""
+
+Lowering = Callable[[Any, str, Compute], Layer]
+"""`(node, module_name, compute) -> Layer`."""
 
 LOWERINGS = LoweringTable("flax")
 """The table: spec node type -> its Flax lowering."""
@@ -76,8 +107,8 @@ def _padding(padding: WindowPadding) -> str | tuple[tuple[int, int], ...]:
 
 
 @lowers(Conv2d)
-def conv2d(node: Conv2d, name: str, precision: Any) -> Layer:
-    def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
+def conv2d(node: Conv2d, name: str, compute: Compute) -> Layer:
+    def layer(inputs: Sequence[jax.Array], mode: Mode) -> jax.Array:
         (x,) = inputs
         fan_in = x.shape[-1] // node.groups * math.prod(node.kernel)
         conv = nn.Conv(
@@ -88,7 +119,8 @@ def conv2d(node: Conv2d, name: str, precision: Any) -> Layer:
             kernel_dilation=node.dilation,
             feature_group_count=node.groups,
             use_bias=node.bias,
-            precision=precision,
+            precision=compute.precision,
+            dtype=compute.dtype,
             kernel_init=_KAIMING_FAN_OUT,
             bias_init=_uniform(1 / math.sqrt(fan_in)),
             name=name,
@@ -108,6 +140,40 @@ def _batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     shift = jnp.mean(x - sample, axes)
     centred = x - sample - shift
     return sample + shift, jnp.mean(jnp.square(centred), axes), centred
+
+
+def _rows(mask: jax.Array, x: jax.Array) -> jax.Array:
+    """The row mask `(N,)` shaped to broadcast against `x` `(N, ..., C)`."""
+    return mask.reshape(-1, *(1,) * (x.ndim - 1))
+
+
+def _masked_batch_stats(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`_batch_stats` over the rows where `mask` is 1 (the first row must be one of them unless
+    none is), and their count per channel: padding rows count for nothing and their `centred`
+    is 0. The count is at least 1, so an all-padding batch (an empty shard) gives zeros, not NaN."""
+    axes = tuple(range(x.ndim - 1))
+    weight = _rows(mask, x)
+    count = jnp.maximum(jnp.sum(mask) * (x.size // (x.shape[0] * x.shape[-1])), 1)
+    sample = jax.lax.stop_gradient(x[(0,) * (x.ndim - 1)])
+    shift = jnp.sum((x - sample) * weight, axes) / count
+    centred = (x - sample - shift) * weight
+    return sample + shift, jnp.sum(jnp.square(centred), axes) / count, centred, count
+
+
+def _normalize_backward(
+    saved: tuple[jax.Array, ...], grad: jax.Array, count: Any, weight: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The closed-form BatchNorm gradient (as in `multires.reference`); `weight`, the row mask,
+    keeps padding rows out of the sums and gives them a zero input gradient."""
+    centred, inv_std, scale = saved
+    axes = tuple(range(centred.ndim - 1))
+    x_hat = centred * inv_std
+    if weight is not None:
+        grad = grad * weight
+    grad_bias = jnp.sum(grad, axes)
+    grad_scale = jnp.sum(grad * x_hat, axes)
+    grad_x = (scale * inv_std) * (grad - grad_bias / count - x_hat * (grad_scale / count))
+    return (grad_x if weight is None else grad_x * weight), grad_scale, grad_bias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -132,17 +198,39 @@ def _batch_normalize_forward(
 def _batch_normalize_backward(
     epsilon: float, saved: tuple[jax.Array, ...], grad: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    centred, inv_std, scale = saved
-    axes = tuple(range(centred.ndim - 1))
-    count = centred.size // centred.shape[-1]
-    x_hat = centred * inv_std
-    grad_bias = jnp.sum(grad, axes)
-    grad_scale = jnp.sum(grad * x_hat, axes)
-    grad_x = (scale * inv_std) * (grad - grad_bias / count - x_hat * (grad_scale / count))
-    return grad_x, grad_scale, grad_bias
+    centred = saved[0]
+    return _normalize_backward(saved, grad, centred.size // centred.shape[-1])
 
 
 batch_normalize.defvjp(_batch_normalize_forward, _batch_normalize_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def masked_batch_normalize(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, mask: jax.Array, epsilon: float
+) -> jax.Array:
+    """`batch_normalize` with the statistics of the rows where `mask` is 1; the other rows
+    come out as `bias` and get no gradient."""
+    return _masked_normalize_forward(x, scale, bias, mask, epsilon)[0]
+
+
+def _masked_normalize_forward(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, mask: jax.Array, epsilon: float
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    _, var, centred, count = _masked_batch_stats(x, mask)
+    inv_std = jax.lax.rsqrt(var + epsilon)
+    return centred * (scale * inv_std) + bias, (centred, inv_std, scale, mask, count)
+
+
+def _masked_normalize_backward(
+    epsilon: float, saved: tuple[jax.Array, ...], grad: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    centred, inv_std, scale, mask, count = saved
+    grads = _normalize_backward((centred, inv_std, scale), grad, count, _rows(mask, centred))
+    return (*grads, jnp.zeros_like(mask))
+
+
+masked_batch_normalize.defvjp(_masked_normalize_forward, _masked_normalize_backward)
 
 
 class SpecBatchNorm(nn.Module):
@@ -157,73 +245,114 @@ class SpecBatchNorm(nn.Module):
     Variables are named as flax.linen's: `scale`, `bias` in params, `mean`, `var` in batch_stats.
     Running statistics update only when `batch_stats` is mutable and the module is not
     initialising, as with `nn.BatchNorm`.
+
+    With a compute `dtype` (mixed precision) the statistics and the normalisation are float32
+    and the output is `dtype`. A training-mode `mask` (N,) leaves padding rows out of the
+    statistics; `groups` > 1 normalises each of that many equal contiguous parts of the batch
+    with its own statistics and keeps the first part's as the running ones (device 0's, in data
+    parallelism without synchronised BatchNorm).
     """
 
     momentum: float = 0.9
     epsilon: float = 1e-5
     unbiased: bool = True
+    dtype: Any = None
+    groups: int = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
         features = (x.shape[-1],)
         scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
         if not train:
-            return (x - running_mean.value) * (scale * jax.lax.rsqrt(running_var.value + self.epsilon)) + bias
-        if not self.is_initializing():
-            # The same statistics as batch_normalize computes (XLA computes them once).
-            mean, var, _ = _batch_stats(jax.lax.stop_gradient(x))
-            count = x.size // x.shape[-1]
-            if self.unbiased:
-                var = var * (count / (count - 1))
-            running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
-            running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
-        return batch_normalize(x, scale, bias, self.epsilon)
+            y = (x - running_mean.value) * (scale * jax.lax.rsqrt(running_var.value + self.epsilon)) + bias
+            return y if self.dtype is None else y.astype(self.dtype)
+        if self.dtype is not None:
+            x = x.astype(jnp.float32)
+        if mask is None and self.groups == 1:
+            if not self.is_initializing():
+                # The same statistics as batch_normalize computes (XLA computes them once).
+                mean, var, _ = _batch_stats(jax.lax.stop_gradient(x))
+                count = x.size // x.shape[-1]
+                self._update(running_mean, running_var, mean, var, count)
+            y = batch_normalize(x, scale, bias, self.epsilon)
+        else:
+            if mask is None:
+                mask = jnp.ones(x.shape[0], jnp.float32)
+            if x.shape[0] % self.groups:
+                raise ShapeError(
+                    f"{self.name} (BatchNorm): a batch of {x.shape[0]} does not split into {self.groups} "
+                    "equal groups; pad it to a multiple (padding rows masked out)."
+                )
+            parts = x.reshape(self.groups, -1, *x.shape[1:])
+            masks = mask.astype(jnp.float32).reshape(self.groups, -1)
+            if not self.is_initializing():
+                mean, var, _, count = jax.vmap(_masked_batch_stats)(jax.lax.stop_gradient(parts), masks)
+                self._update(running_mean, running_var, mean[0], var[0], count[0])
+            y = jax.vmap(lambda part, rows: masked_batch_normalize(part, scale, bias, rows, self.epsilon))(
+                parts, masks
+            )
+            y = y.reshape(x.shape)
+        return y if self.dtype is None else y.astype(self.dtype)
+
+    def _update(
+        self, running_mean: Any, running_var: Any, mean: jax.Array, var: jax.Array, count: Any
+    ) -> None:
+        """The running statistics after a batch of `count` values per channel."""
+        if self.unbiased:
+            var = var * (count / (count - 1))
+        running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+        running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
 
 
 @lowers(BatchNorm)
-def batchnorm(node: BatchNorm, name: str, precision: Any) -> Layer:
-    """`SpecBatchNorm` with Flax's momentum convention (1 - the spec's) and the node's
-    running-variance convention (its variables are `nn.BatchNorm`'s)."""
+def batchnorm(node: BatchNorm, name: str, compute: Compute) -> Layer:
+    """`SpecBatchNorm` with Flax's momentum convention (1 - the spec's), the node's
+    running-variance convention (its variables are `nn.BatchNorm`'s) and the compute settings."""
 
-    def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
+    def layer(inputs: Sequence[jax.Array], mode: Mode) -> jax.Array:
         (x,) = inputs
-        if train and x.size // x.shape[-1] < 2:
+        if mode.train and mode.mask is None and x.size // x.shape[-1] < 2:
             raise ShapeError(
                 f"{node.name} (BatchNorm): training mode needs more than one value per channel; got "
                 f"a batch of shape {x.shape} (NHWC). Use a larger batch or evaluation mode."
             )
-        unbiased = node.running_variance == "unbiased"
-        return SpecBatchNorm(momentum=1 - node.momentum, epsilon=node.eps, unbiased=unbiased, name=name)(
-            x, train
+        module = SpecBatchNorm(
+            momentum=1 - node.momentum,
+            epsilon=node.eps,
+            unbiased=node.running_variance == "unbiased",
+            dtype=compute.dtype,
+            groups=compute.groups,
+            name=name,
         )
+        return module(x, mode.train, mode.mask)
 
     return layer
 
 
 @lowers(ReLU)
-def relu(node: ReLU, name: str, precision: Any) -> Layer:
-    return lambda inputs, train: nn.relu(inputs[0])
+def relu(node: ReLU, name: str, compute: Compute) -> Layer:
+    return lambda inputs, mode: nn.relu(inputs[0])
 
 
 @lowers(Add)
-def add(node: Add, name: str, precision: Any) -> Layer:
-    return lambda inputs, train: functools.reduce(jnp.add, inputs)
+def add(node: Add, name: str, compute: Compute) -> Layer:
+    return lambda inputs, mode: functools.reduce(jnp.add, inputs)
 
 
 @lowers(MaxPool2d)
-def maxpool2d(node: MaxPool2d, name: str, precision: Any) -> Layer:
+def maxpool2d(node: MaxPool2d, name: str, compute: Compute) -> Layer:
     """`nn.max_pool` pads with -inf, explicit or SAME."""
-    return lambda inputs, train: nn.max_pool(inputs[0], node.kernel, node.stride, _padding(node.padding))
+    return lambda inputs, mode: nn.max_pool(inputs[0], node.kernel, node.stride, _padding(node.padding))
 
 
 @lowers(AvgPool2d)
-def avgpool2d(node: AvgPool2d, name: str, precision: Any) -> Layer:
+def avgpool2d(node: AvgPool2d, name: str, compute: Compute) -> Layer:
     """`nn.avg_pool`, whose `count_include_pad=False` divides by a pooled map of ones (explicit or SAME)."""
 
-    def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
+    def layer(inputs: Sequence[jax.Array], mode: Mode) -> jax.Array:
         padding, include = _padding(node.padding), node.count_include_pad
         return nn.avg_pool(inputs[0], node.kernel, node.stride, padding, count_include_pad=include)
 
@@ -231,21 +360,21 @@ def avgpool2d(node: AvgPool2d, name: str, precision: Any) -> Layer:
 
 
 @lowers(Pad2d)
-def pad2d(node: Pad2d, name: str, precision: Any) -> Layer:
+def pad2d(node: Pad2d, name: str, compute: Compute) -> Layer:
     """Zeros on the spatial axes of NHWC."""
-    return lambda inputs, train: jnp.pad(inputs[0], ((0, 0), *node.padding, (0, 0)))
+    return lambda inputs, mode: jnp.pad(inputs[0], ((0, 0), *node.padding, (0, 0)))
 
 
 @lowers(GlobalAvgPool)
-def global_avgpool(node: GlobalAvgPool, name: str, precision: Any) -> Layer:
-    return lambda inputs, train: jnp.mean(inputs[0], axis=(1, 2), keepdims=True)
+def global_avgpool(node: GlobalAvgPool, name: str, compute: Compute) -> Layer:
+    return lambda inputs, mode: jnp.mean(inputs[0], axis=(1, 2), keepdims=True)
 
 
 @lowers(Flatten)
-def flatten(node: Flatten, name: str, precision: Any) -> Layer:
+def flatten(node: Flatten, name: str, compute: Compute) -> Layer:
     """NHWC -> (N, C*H*W) in the spec's channel-major order, so Dense weights need no permuting."""
 
-    def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
+    def layer(inputs: Sequence[jax.Array], mode: Mode) -> jax.Array:
         (x,) = inputs
         return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
@@ -253,14 +382,15 @@ def flatten(node: Flatten, name: str, precision: Any) -> Layer:
 
 
 @lowers(Dense)
-def dense(node: Dense, name: str, precision: Any) -> Layer:
-    def layer(inputs: Sequence[jax.Array], train: bool) -> jax.Array:
+def dense(node: Dense, name: str, compute: Compute) -> Layer:
+    def layer(inputs: Sequence[jax.Array], mode: Mode) -> jax.Array:
         (x,) = inputs
         bound = 1 / math.sqrt(x.shape[-1])
         linear = nn.Dense(
             node.out_features,
             use_bias=node.bias,
-            precision=precision,
+            precision=compute.precision,
+            dtype=compute.dtype,
             kernel_init=_uniform(bound),
             bias_init=_uniform(bound),
             name=name,
@@ -271,7 +401,7 @@ def dense(node: Dense, name: str, precision: Any) -> Layer:
 
 
 def _run(
-    graph: Graph, depth: int, env: dict[str, jax.Array], names: Sequence[str], train: bool, precision: Any
+    graph: Graph, depth: int, env: dict[str, jax.Array], names: Sequence[str], mode: Mode, compute: Compute
 ) -> dict[str, jax.Array]:
     """Evaluate the nodes `names` (in order) inside the current module, whose names share the
     first `depth` segments; consecutive nodes under a deeper prefix go to a namespace module."""
@@ -281,12 +411,12 @@ def _run(
         run = tuple(run)
         if run[0].count(".") == depth:
             node = graph[run[0]]
-            lowered = LOWERINGS[type(node)](node, segment, precision)
-            env[node.name] = lowered([env[source] for source in node.inputs], train)
+            lowered = LOWERINGS[type(node)](node, segment, compute)
+            env[node.name] = lowered([env[source] for source in node.inputs], mode)
         else:
             if segment not in namespaces:
-                namespaces[segment] = Namespace(graph, depth + 1, precision, name=segment)
-            env = namespaces[segment](env, run, train)
+                namespaces[segment] = Namespace(graph, depth + 1, compute, name=segment)
+            env = namespaces[segment](env, run, mode)
     return env
 
 
@@ -299,11 +429,11 @@ class Namespace(nn.Module):
 
     graph: Graph
     depth: int
-    precision: Any = "highest"
+    compute: Compute = Compute()
 
     @nn.compact
-    def __call__(self, env: dict[str, jax.Array], names: Sequence[str], train: bool) -> dict[str, jax.Array]:
-        return _run(self.graph, self.depth, env, names, train, self.precision)
+    def __call__(self, env: dict[str, jax.Array], names: Sequence[str], mode: Mode) -> dict[str, jax.Array]:
+        return _run(self.graph, self.depth, env, names, mode, self.compute)
 
 
 class Model(nn.Module):
@@ -312,21 +442,28 @@ class Model(nn.Module):
     Call it as any linen module: `variables = model.init(key, x)`, `model.apply(variables, x)`,
     and in training `model.apply(variables, x, train=True, mutable=['batch_stats'])`. `layout`
     is that of inputs and 4-D outputs: "NHWC" (native) or "NCHW" (transposed at the boundary,
-    exactly equivalent). One output is returned as an array, several as a tuple.
+    exactly equivalent). One output is returned as an array, several as a tuple. With a compute
+    `dtype` the inputs are cast to it and the outputs come in it; `groups` and the training
+    `mask` are BatchNorm's (see `SpecBatchNorm`).
     """
 
     graph: Graph
     layout: str = "NHWC"
     precision: Any = "highest"
+    dtype: Any = None
+    groups: int = 1
 
     @nn.compact
-    def __call__(self, *inputs: jax.Array, train: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+    def __call__(
+        self, *inputs: jax.Array, train: bool = False, mask: jax.Array | None = None
+    ) -> jax.Array | tuple[jax.Array, ...]:
         env = {}
         for x, name in zip(inputs, self._check_inputs(inputs), strict=True):
-            x = jnp.asarray(x)
+            x = jnp.asarray(x) if self.dtype is None else jnp.asarray(x, self.dtype)
             env[name] = jnp.transpose(x, (0, 2, 3, 1)) if self.layout == "NCHW" else x
         names = [node.name for node in self.graph.nodes]
-        env = _run(self.graph, 0, env, names, train, self.precision)
+        compute = Compute(self.precision, self.dtype, self.groups)
+        env = _run(self.graph, 0, env, names, Mode(train, mask), compute)
         outputs = tuple(
             jnp.transpose(env[o], (0, 3, 1, 2)) if self.layout == "NCHW" and env[o].ndim == 4 else env[o]
             for o in self.graph.outputs
@@ -355,10 +492,14 @@ class Model(nn.Module):
         return names
 
 
-def build(graph: Graph, layout: str = "NHWC", precision: Any = "highest") -> Model:
+def build(
+    graph: Graph, layout: str = "NHWC", precision: Any = "highest", dtype: Any = None, groups: int = 1
+) -> Model:
     """The linen Module of `graph`, unbound: get variables from `model.init` or `load_variables`.
 
     `precision` applies to convolutions and dense layers; "highest" keeps float32 exact on
-    accelerators (pass None for the faster TF32/bfloat16 defaults of GPUs and TPUs).
+    accelerators (pass None for the faster TF32/bfloat16 defaults of GPUs and TPUs). `dtype` is
+    the compute dtype of mixed precision (`jnp.bfloat16`, `jnp.float16`; parameters stay
+    float32) and `groups` the number of separate BatchNorm statistics (see `SpecBatchNorm`).
     """
-    return Model(graph, check_layout(layout), precision)
+    return Model(graph, check_layout(layout), precision, dtype, groups)

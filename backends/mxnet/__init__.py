@@ -1,4 +1,4 @@
-"""The MXNet backend: a spec Graph becomes a Gluon `HybridBlock` (NCHW, CPU, float32).
+"""The MXNet backend: a spec Graph becomes a Gluon `HybridBlock` (NCHW, float32 parameters).
 
     >>> model = multires.build("resnet18", backend="mxnet")
     >>> model.layer1[0].conv1
@@ -9,19 +9,26 @@
 MXNet 1.9.1 is retired upstream and needs `numpy<1.24`; install it in its own environment
 (`pip install 'multires[mxnet]'`). `lowering` holds the per-node-type lowering table and
 `build`, `weights` the canonical <-> Gluon parameter mapping, `runner` the `Runner` (set
-`MULTIRES_MXNET_HYBRIDIZE=0` to run it eagerly). TensorFlow's SAME padding works eager and
-hybridized: the model sets its pads for each input size (the hybridized graph is rebuilt when
-they change), and `export` fixes those of the last input size.
+`MULTIRES_MXNET_HYBRIDIZE=0` to run it eagerly), `execution` its contexts (`cpu`, `gpu(N)`;
+`devices=N` over several, gradients summed by a kvstore), MXNet AMP's mixed precision (bf16 on
+the CPU, fp16 on GPUs) and BatchNorm synchronised over the contexts. TensorFlow's SAME padding
+works eager and hybridized: the model sets its pads for each input size (the hybridized graph is
+rebuilt when they change), and `export` fixes those of the last input size.
 """
 
 from __future__ import annotations
 
-from .lowering import LAYOUT_HINT, LAYOUTS, LOWERINGS, GraphBlock, build
-from .runner import HYBRIDIZE_ENV, MXNetRunner, PyTorchSGD, make_runner
+from .execution import available_devices, precisions
+from .lowering import LAYOUT_HINT, LAYOUTS, LOWERINGS, GraphBlock, build, set_compute_dtype
+from .runner import HYBRIDIZE_ENV, Batch, MXNetRunner, PyTorchSGD, make_runner
 from .weights import GLUON_KINDS, export_weights, load_weights, name_map
 
 NAME = "mxnet"
 FRAMEWORK_MODULES = ("mxnet",)
+PRECISIONS = precisions()
+"""The precisions its Runner computes in on the CPU here: float32, and MXNet AMP's bfloat16 where
+the build has oneDNN and the CPU AVX-512. MXNet AMP's float16 runs on GPUs (`device="gpu"`,
+with AMP's loss scaling; `precisions(mx.gpu())`); elsewhere a precision is a DeviceError."""
 
 __all__ = [
     "FRAMEWORK_MODULES",
@@ -31,12 +38,17 @@ __all__ = [
     "LAYOUT_HINT",
     "LOWERINGS",
     "NAME",
+    "PRECISIONS",
+    "Batch",
     "GraphBlock",
     "MXNetRunner",
     "PyTorchSGD",
+    "available_devices",
     "build",
     "export_weights",
     "load_weights",
     "make_runner",
     "name_map",
+    "precisions",
+    "set_compute_dtype",
 ]

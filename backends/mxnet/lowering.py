@@ -36,6 +36,9 @@ How spec semantics map onto MXNet (1.9.1):
   hybridized. Eval mode normalises with the running statistics, as MXNet's `use_global_stats`
   does.
 - Flatten is `nn.Flatten` (channel-major in NCHW); GlobalAvgPool keeps (N, C, 1, 1).
+- Mixed precision (`set_compute_dtype`): the blocks of the ops MXNet AMP lists for the target
+  dtype (Convolution, FullyConnected) cast their inputs to it with `amp_cast` and their result
+  back to float32; every other op, BatchNorm's statistics included, stays float32.
 """
 
 from __future__ import annotations
@@ -58,7 +61,6 @@ from multires.graph import (
     AvgPool2d,
     BatchNorm,
     Conv2d,
-    Dense,
     Flatten,
     GlobalAvgPool,
     Graph,
@@ -70,6 +72,7 @@ from multires.graph import (
     resolve_padding,
     symmetric_padding,
 )
+from multires.graph import Dense as DenseNode  # `Dense` here is the Gluon block
 from multires.shapes import Shape, check_input_shape, check_layout, infer_shapes
 
 LAYOUTS = ("NCHW",)
@@ -149,6 +152,9 @@ class _SpecPadding:
 class Conv2D(_SpecPadding, nn.Conv2D):
     """`nn.Conv2D` that zero-pads explicitly first when the spec's padding is asymmetric."""
 
+    compute_dtype: Any = None
+    """The dtype of the convolution under mixed precision (`set_compute_dtype`); None: float32."""
+
     def __init__(self, node: Conv2d, in_channels: int) -> None:
         super().__init__(
             node.out_channels,
@@ -163,10 +169,31 @@ class Conv2D(_SpecPadding, nn.Conv2D):
         self._init_padding(node)
 
     def hybrid_forward(self, F: Any, x: Any, weight: Any, bias: Any = None) -> Any:
-        return super().hybrid_forward(F, self._pad(F, x), weight, bias)
+        return _in_compute_dtype(self, super().hybrid_forward, F, self._pad(F, x), weight, bias)
 
     def __repr__(self) -> str:
         return self._repr_padding(super().__repr__(), "padding")
+
+
+class Dense(nn.Dense):
+    """`nn.Dense` that computes in its `compute_dtype` (mixed precision) where one is set."""
+
+    compute_dtype: Any = None
+    """The dtype of the matrix product under mixed precision (`set_compute_dtype`); None: float32."""
+
+    def hybrid_forward(self, F: Any, x: Any, weight: Any, bias: Any = None) -> Any:
+        return _in_compute_dtype(self, super().hybrid_forward, F, x, weight, bias)
+
+
+def _in_compute_dtype(block: Any, forward: Callable[..., Any], F: Any, x: Any, weight: Any, bias: Any) -> Any:
+    """`forward(F, x, weight, bias)` in float32, or, where `block.compute_dtype` is set (mixed
+    precision), on its inputs cast to that dtype with AMP's `amp_cast`, the result cast back to
+    float32 (the gradients flow back through the casts to the float32 parameters)."""
+    dtype = block.compute_dtype
+    if dtype is None:
+        return forward(F, x, weight, bias)
+    x, weight, bias = (None if v is None else F.amp_cast(v, dtype=dtype) for v in (x, weight, bias))
+    return F.amp_cast(forward(F, x, weight, bias), dtype="float32")
 
 
 class BatchNorm2D(nn.BatchNorm):
@@ -424,7 +451,7 @@ class GraphBlock(_Container):
             results = (results,)
         outputs = tuple(results[: len(self.graph.outputs)])
         if training:
-            self._update_running(results[len(outputs) :], counts)
+            self._update_running(results[len(outputs) :], counts, x.context)
         return outputs[0] if len(outputs) == 1 else outputs
 
     def _plan(self, shapes: tuple[tuple[int, ...], ...], training: bool) -> _Plan:
@@ -439,8 +466,10 @@ class GraphBlock(_Container):
     def _set_same_padding(self, same_pads: dict[str, Padding]) -> None:
         """Give the SAME nodes' blocks their pads; a change drops the hybridized graph (rebuilt
         on this call with the new pads, as a Symbol cannot compute them from its input size)."""
-        changed = [self.blocks[name].set_padding(pads) for name, pads in same_pads.items()]
-        if any(changed):
+        changed = [name for name, pads in same_pads.items() if self.blocks[name].set_padding(pads)]
+        for name in changed:  # a block called on its own (data parallelism) has its own cached op
+            self.blocks[name]._clear_cached_op()
+        if changed:
             self._clear_cached_op()
 
     def _set_batch_shift(self, training: bool) -> None:
@@ -454,10 +483,13 @@ class GraphBlock(_Container):
         if changed:
             self._clear_cached_op()
 
-    def _update_running(self, statistics: tuple[Any, ...], counts: dict[str, int]) -> None:
+    def _update_running(
+        self, statistics: tuple[Any, ...], counts: dict[str, int], context: mx.Context | None = None
+    ) -> None:
         """Running statistics as the spec defines them, from each BatchNorm's batch mean and
         biased variance: `running = (1 - m) * running + m * stat`, the variance scaled by
         n / (n - 1) where the node's `running_variance` is "unbiased" (by 1 where "biased").
+        On a model placed on several contexts, the copies on `context` are updated.
 
         `multi_sgd_update` computes `w = (1 - lr * wd) * w - lr * g` for many arrays in one op:
         with `lr = -m * s` and `wd = -1 / s` that is the running average of `s * stat`.
@@ -470,7 +502,7 @@ class GraphBlock(_Container):
                 (block.running_mean, statistics[2 * index], 1.0),
                 (block.running_var, statistics[2 * index + 1], _variance_factor(node, n)),
             ):
-                arrays.append((param.data(), stat))
+                arrays.append((param.data(context), stat))
                 lrs.append(-m * scale)
                 wds.append(-1.0 / scale)
         with autograd.pause():
@@ -649,16 +681,36 @@ def _flatten(ctx: LoweringContext, node: Flatten) -> gluon.HybridBlock:
     return nn.Flatten(prefix=f"{node.name}.")
 
 
-@lowers(Dense)
-def _dense(ctx: LoweringContext, node: Dense) -> gluon.HybridBlock:
+@lowers(DenseNode)
+def _dense(ctx: LoweringContext, node: DenseNode) -> gluon.HybridBlock:
     # A Flatten of a spatial map has an image-size-dependent width (None): Gluon infers it
     # from the first input or the loaded weights (in_units=0).
-    return nn.Dense(
+    return Dense(
         node.out_features,
         use_bias=node.bias,
         in_units=ctx.channels(node.inputs[0]) or 0,
         prefix=f"{node.name}.",
     )
+
+
+AMP_OPS: dict[type, str] = {Conv2D: "Convolution", Dense: "FullyConnected"}
+"""The blocks that can compute in a mixed-precision dtype, by the MXNet op AMP's lists name."""
+
+
+def set_compute_dtype(model: GraphBlock, dtype: Any) -> GraphBlock:
+    """Make the blocks of the ops MXNet AMP lists for `dtype` (`amp.list_lp16_ops`: Convolution
+    and FullyConnected for bfloat16; float16's list adds ops the spec has no node for) compute in
+    `dtype` (None: float32 again), the rest staying float32; parameters stay float32. Call it
+    before `hybridize()` or the first call (a cached graph keeps the dtypes it was built with)."""
+    from mxnet.contrib import amp
+
+    ops = set() if dtype is None else set(amp.list_lp16_ops(dtype))
+    for block in model.blocks.values():
+        op = AMP_OPS.get(type(block))
+        if op is not None:
+            block.compute_dtype = dtype if op in ops else None
+    model._clear_cached_op()
+    return model
 
 
 def build(graph: Graph, layout: str = "NCHW", initialize: bool = True) -> GraphBlock:

@@ -89,7 +89,8 @@ def parameters(model: Any) -> dict[str, gluon.Parameter]:
 
 
 def export_weights(model: Any) -> dict[str, np.ndarray]:
-    """The model's canonical weights: float32 NumPy copies of its Gluon parameters."""
+    """The model's canonical weights: float32 NumPy copies of its Gluon parameters (of their
+    first context, for a model placed on several)."""
     weights = {}
     for name, param in parameters(model).items():
         if param._data is None:
@@ -97,7 +98,7 @@ def export_weights(model: Any) -> dict[str, np.ndarray]:
                 f"{name.rsplit('.', 1)[0]}: its parameters are not initialised yet (its shape depends on "
                 "the image size); load weights or run one forward pass before exporting."
             )
-        weights[name] = param.data().asnumpy().astype(np.float32)
+        weights[name] = param.list_data()[0].asnumpy().astype(np.float32)
     return weights
 
 

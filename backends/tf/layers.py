@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from multires.errors import WeightsError
@@ -51,13 +52,25 @@ class BatchNorm(keras.layers.BatchNormalization):
     `moving_variance`, otherwise the biased batch variance (Keras' own); normalisation uses the
     biased one in both. `momentum` keeps Keras' meaning (weight of the old value, 1 - the spec's
     momentum). Masks and batch renormalisation are not supported.
+
+    Under a `tf.distribute` strategy with several replicas, `synchronized` (the default here)
+    takes the statistics of the global batch: the replicas all-reduce their sums (`_global_moments`),
+    and the running variance uses the global count. Without it each replica normalises with its own
+    shard's statistics. Either way the running statistics kept are replica 0's
+    (`ONLY_FIRST_REPLICA`), which with synchronized statistics all replicas share.
     """
 
-    def __init__(self, unbiased: bool = True, **kwargs: Any) -> None:
-        if kwargs.get("renorm") or kwargs.get("synchronized"):
-            raise ValueError("BatchNorm supports neither renorm nor synchronized statistics.")
-        super().__init__(**kwargs)
+    def __init__(self, unbiased: bool = True, synchronized: bool = True, **kwargs: Any) -> None:
+        if kwargs.get("renorm"):
+            raise ValueError("BatchNorm does not support batch renormalisation.")
+        super().__init__(synchronized=synchronized, **kwargs)
         self.unbiased = bool(unbiased)
+
+    def add_weight(self, *args: Any, **kwargs: Any) -> Any:
+        """Keras' weights, the running statistics updated from replica 0 under a strategy."""
+        if not kwargs.get("trainable", True):
+            kwargs["aggregation"] = "only_first_replica"
+        return super().add_weight(*args, **kwargs)
 
     def _broadcast(self, value: Any, ndim: int) -> Any:
         shape = [1] * ndim
@@ -69,7 +82,17 @@ class BatchNorm(keras.layers.BatchNormalization):
             raise ValueError(f"{self.name} (BatchNorm): masks are not supported.")
         inputs = ops.cast(inputs, "float32")
         ndim = len(inputs.shape)
-        if training and self.trainable:
+        replicas = tf.distribute.get_replica_context()
+        if (
+            training
+            and self.trainable
+            and self.synchronized
+            and replicas
+            and replicas.num_replicas_in_sync > 1
+        ):
+            centred, mean, variance, count = self._global_moments(inputs, replicas)
+            self._update_running(mean, variance, count)
+        elif training and self.trainable:
             axes = self._reduction_axes
             sample = ops.stop_gradient(
                 inputs[tuple(slice(None) if a == self.axis % ndim else slice(0, 1) for a in range(ndim))]
@@ -81,12 +104,7 @@ class BatchNorm(keras.layers.BatchNormalization):
             mean = ops.reshape(sample + shift, (-1,))
             shape = ops.shape(inputs)
             count = ops.cast(math.prod(shape[axis] for axis in axes), "float32")
-            folded = variance * (count / (count - 1.0)) if self.unbiased else variance
-            keep = self.momentum
-            self.moving_mean.assign(self.moving_mean * keep + ops.stop_gradient(mean) * (1.0 - keep))
-            self.moving_variance.assign(
-                self.moving_variance * keep + ops.stop_gradient(folded) * (1.0 - keep)
-            )
+            self._update_running(mean, variance, count)
         else:
             centred = inputs - self._broadcast(self.moving_mean, ndim)
             variance = self.moving_variance
@@ -97,6 +115,40 @@ class BatchNorm(keras.layers.BatchNormalization):
         if self.center:
             outputs = outputs + self._broadcast(self.beta, ndim)
         return ops.cast(outputs, self.compute_dtype)
+
+    def _update_running(self, mean: Any, variance: Any, count: Any) -> None:
+        """Move the running statistics towards a batch's mean and (biased) variance over `count`
+        values per channel, the variance folded to the unbiased one if the node says so."""
+        folded = variance * (count / (count - 1.0)) if self.unbiased else variance
+        keep = self.momentum
+        self.moving_mean.assign(self.moving_mean * keep + ops.stop_gradient(mean) * (1.0 - keep))
+        self.moving_variance.assign(self.moving_variance * keep + ops.stop_gradient(folded) * (1.0 - keep))
+
+    def _global_moments(
+        self, inputs: Any, replicas: tf.distribute.ReplicaContext
+    ) -> tuple[Any, Any, Any, Any]:
+        """The centred inputs, mean, biased variance and count of the global batch, from sums all
+        replicas add up: the corrected two-pass algorithm. Pass 1 takes a provisional mean `m0`
+        (a constant to the gradient, as the result does not depend on it); pass 2 sums the
+        deviations `d = x - m0` and their squares, so that `mean = m0 + mean(d)` and
+        `variance = mean(d^2) - mean(d)^2`, where `mean(d)` is tiny and nothing cancels. The
+        second all-reduce carries the gradient to every replica (its gradient is an all-reduce)."""
+        axes = self._reduction_axes
+        ndim = len(inputs.shape)
+        shape = tf.shape(inputs)
+        local = tf.cast(tf.reduce_prod(tf.gather(shape, axes)), tf.float32)
+        total, count = replicas.all_reduce(
+            tf.distribute.ReduceOp.SUM, [tf.stop_gradient(tf.reduce_sum(inputs, axes)), local]
+        )
+        provisional = total / count
+        deviations = inputs - self._broadcast(provisional, ndim)
+        sums, squares = replicas.all_reduce(
+            tf.distribute.ReduceOp.SUM,
+            [tf.reduce_sum(deviations, axes), tf.reduce_sum(tf.square(deviations), axes)],
+        )
+        shift = sums / count
+        variance = tf.maximum(squares / count - tf.square(shift), 0.0)
+        return deviations - self._broadcast(shift, ndim), provisional + shift, variance, count
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "unbiased": self.unbiased}

@@ -54,11 +54,14 @@ class LoweringContext:
     """What a lowering needs beyond its node and inputs.
 
     `layout` is the model's; `dense_features` gives the input width of Dense nodes fed by a
-    Flatten of an image-size-dependent map (Keras must know it when it creates the kernel).
+    Flatten of an image-size-dependent map (Keras must know it when it creates the kernel);
+    `dtype` is the dtype policy each layer gets.
     """
 
     layout: str
     dense_features: Mapping[str, int] = field(default_factory=dict)
+    dtype: str | None = None
+    """The Keras dtype policy of every layer ("mixed_bfloat16", ...); None is the global one."""
 
     @property
     def data_format(self) -> str:
@@ -77,13 +80,20 @@ lowers = LOWERINGS.register
 def _zero_pad(x: Any, node: Node, padding: Padding, ctx: LoweringContext) -> Any:
     if not any(any(side) for side in padding):
         return x
-    return keras.layers.ZeroPadding2D(padding, data_format=ctx.data_format, name=f"{node.name}.pad")(x)
+    return keras.layers.ZeroPadding2D(
+        padding, data_format=ctx.data_format, name=f"{node.name}.pad", dtype=ctx.dtype
+    )(x)
 
 
 def _same_pad(x: Any, node: Conv2d | AvgPool2d, ctx: LoweringContext, dilation: Pair = (1, 1)) -> Any:
     """Explicit zero padding as TF's SAME pads the node's window, for what `padding="same"` can't run."""
     return SamePadding2D(
-        node.kernel, node.stride, dilation, data_format=ctx.data_format, name=f"{node.name}.pad"
+        node.kernel,
+        node.stride,
+        dilation,
+        data_format=ctx.data_format,
+        name=f"{node.name}.pad",
+        dtype=ctx.dtype,
     )(x)
 
 
@@ -108,9 +118,12 @@ def conv2d(node: Conv2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
         groups=node.groups,
         use_bias=node.bias,
         name=node.name,
+        dtype=ctx.dtype,
     )(x)
     if both:
-        x = Subsample2D(node.stride, data_format=ctx.data_format, name=f"{node.name}.stride")(x)
+        x = Subsample2D(
+            node.stride, data_format=ctx.data_format, name=f"{node.name}.stride", dtype=ctx.dtype
+        )(x)
     return x
 
 
@@ -125,17 +138,18 @@ def batchnorm(node: BatchNormNode, inputs: Sequence[Any], ctx: LoweringContext) 
         momentum=1.0 - node.momentum,
         epsilon=node.eps,
         name=node.name,
+        dtype=ctx.dtype,
     )(inputs[0])
 
 
 @lowers(ReLU)
 def relu(node: ReLU, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
-    return keras.layers.ReLU(name=node.name)(inputs[0])
+    return keras.layers.ReLU(name=node.name, dtype=ctx.dtype)(inputs[0])
 
 
 @lowers(Add)
 def add(node: Add, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
-    return keras.layers.Add(name=node.name)(list(inputs))
+    return keras.layers.Add(name=node.name, dtype=ctx.dtype)(list(inputs))
 
 
 @lowers(MaxPool2d)
@@ -145,11 +159,16 @@ def maxpool2d(node: MaxPool2d, inputs: Sequence[Any], ctx: LoweringContext) -> A
     x = inputs[0]
     if node.padding != SAME and any(any(side) for side in node.padding):
         x = ConstantPadding2D(
-            node.padding, float("-inf"), data_format=ctx.data_format, name=f"{node.name}.pad"
+            node.padding, float("-inf"), data_format=ctx.data_format, name=f"{node.name}.pad", dtype=ctx.dtype
         )(x)
     padding = "same" if node.padding == SAME else "valid"
     return keras.layers.MaxPooling2D(
-        node.kernel, node.stride, padding=padding, data_format=ctx.data_format, name=node.name
+        node.kernel,
+        node.stride,
+        padding=padding,
+        data_format=ctx.data_format,
+        name=node.name,
+        dtype=ctx.dtype,
     )(x)
 
 
@@ -160,33 +179,50 @@ def avgpool2d(node: AvgPool2d, inputs: Sequence[Any], ctx: LoweringContext) -> A
     a divisor of real inputs."""
     if node.padding == SAME and not node.count_include_pad:
         return keras.layers.AveragePooling2D(
-            node.kernel, node.stride, padding="same", data_format=ctx.data_format, name=node.name
+            node.kernel,
+            node.stride,
+            padding="same",
+            data_format=ctx.data_format,
+            name=node.name,
+            dtype=ctx.dtype,
         )(inputs[0])
     if node.padding == SAME:
         x = _same_pad(inputs[0], node, ctx)
     elif any(any(side) for side in node.padding) and not node.count_include_pad:
         return AveragePooling2DExcludePad(
-            node.kernel, node.stride, node.padding, data_format=ctx.data_format, name=node.name
+            node.kernel,
+            node.stride,
+            node.padding,
+            data_format=ctx.data_format,
+            name=node.name,
+            dtype=ctx.dtype,
         )(inputs[0])
     else:
         x = _zero_pad(inputs[0], node, node.padding, ctx)
     return keras.layers.AveragePooling2D(
-        node.kernel, node.stride, padding="valid", data_format=ctx.data_format, name=node.name
+        node.kernel,
+        node.stride,
+        padding="valid",
+        data_format=ctx.data_format,
+        name=node.name,
+        dtype=ctx.dtype,
     )(x)
 
 
 @lowers(Pad2d)
 def pad2d(node: Pad2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
     """`ZeroPadding2D`, per side."""
-    return keras.layers.ZeroPadding2D(node.padding, data_format=ctx.data_format, name=node.name)(inputs[0])
+    return keras.layers.ZeroPadding2D(
+        node.padding, data_format=ctx.data_format, name=node.name, dtype=ctx.dtype
+    )(inputs[0])
 
 
 @lowers(GlobalAvgPool)
 def global_avgpool(node: GlobalAvgPool, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
     """Mean over the spatial axes, keeping them as 1 x 1."""
-    return keras.layers.GlobalAveragePooling2D(data_format=ctx.data_format, keepdims=True, name=node.name)(
-        inputs[0]
-    )
+    return keras.layers.GlobalAveragePooling2D(
+        data_format=ctx.data_format, keepdims=True, name=node.name, dtype=ctx.dtype
+    )(inputs[0])
 
 
 @lowers(Flatten)
@@ -198,8 +234,8 @@ def flatten(node: Flatten, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
     """
     x = inputs[0]
     if ctx.layout == "NHWC" and tuple(x.shape[1:3]) != (1, 1):
-        x = keras.layers.Permute((3, 1, 2), name=f"{node.name}.nchw")(x)
-    return keras.layers.Flatten(name=node.name)(x)
+        x = keras.layers.Permute((3, 1, 2), name=f"{node.name}.nchw", dtype=ctx.dtype)(x)
+    return keras.layers.Flatten(name=node.name, dtype=ctx.dtype)(x)
 
 
 @lowers(Dense)
@@ -208,18 +244,25 @@ def dense(node: Dense, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
     weights, or, without them, a `DeferredDense` placeholder that `complete` replaces."""
     x = inputs[0]
     if x.shape[-1] is not None:
-        return keras.layers.Dense(node.out_features, use_bias=node.bias, name=node.name)(x)
+        return keras.layers.Dense(node.out_features, use_bias=node.bias, name=node.name, dtype=ctx.dtype)(x)
     if node.name not in ctx.dense_features:
-        return DeferredDense(node.out_features, use_bias=node.bias, name=node.name)(x)
-    x = keras.layers.Reshape((ctx.dense_features[node.name],), name=f"{node.name}.features")(x)
-    return keras.layers.Dense(node.out_features, use_bias=node.bias, name=node.name)(x)
+        return DeferredDense(node.out_features, use_bias=node.bias, name=node.name, dtype=ctx.dtype)(x)
+    x = keras.layers.Reshape((ctx.dense_features[node.name],), name=f"{node.name}.features", dtype=ctx.dtype)(
+        x
+    )
+    return keras.layers.Dense(node.out_features, use_bias=node.bias, name=node.name, dtype=ctx.dtype)(x)
 
 
-_DEFERRED: weakref.WeakKeyDictionary[keras.Model, tuple[Graph, str]] = weakref.WeakKeyDictionary()
+_DEFERRED: weakref.WeakKeyDictionary[keras.Model, tuple[Graph, str, str | None]] = weakref.WeakKeyDictionary()
 """Models holding a `DeferredDense`, with what `complete` rebuilds them from."""
 
 
-def build(graph: Graph, layout: str = "NHWC", weights: Mapping[str, np.ndarray] | None = None) -> keras.Model:
+def build(
+    graph: Graph,
+    layout: str = "NHWC",
+    weights: Mapping[str, np.ndarray] | None = None,
+    dtype: str | None = None,
+) -> keras.Model:
     """A Keras functional model computing `graph` on `layout` inputs, with Keras-initialised weights.
 
     Layers holding weights are named by their node; inputs and 4-D outputs are in `layout`.
@@ -227,9 +270,13 @@ def build(graph: Graph, layout: str = "NHWC", weights: Mapping[str, np.ndarray] 
     spatial map, which Keras needs now and the spec leaves to the image size; without them such
     a Dense is a placeholder until `load_weights`. NCHW runs on GPU or under XLA
     (`jit_compile=True`): TensorFlow's CPU kernels for convolution and pooling are NHWC only.
+
+    `dtype` is a Keras dtype policy for every layer of this model, such as "mixed_bfloat16"
+    (float32 variables, bfloat16 compute; BatchNorm computes in float32), leaving Keras' global
+    policy and other models alone; None is the global policy (float32 unless changed).
     """
     layout = check_layout(layout)
-    ctx = LoweringContext(layout, _dense_features(graph, weights))
+    ctx = LoweringContext(layout, _dense_features(graph, weights), dtype)
     values: dict[str, Any] = {}
     for spec_input in graph.inputs:
         shape = (spec_input.channels, None, None) if layout == "NCHW" else (None, None, spec_input.channels)
@@ -244,7 +291,7 @@ def build(graph: Graph, layout: str = "NHWC", weights: Mapping[str, np.ndarray] 
         name=graph.name,
     )
     if any(isinstance(layer, DeferredDense) for layer in model.layers):
-        _DEFERRED[model] = (graph, layout)
+        _DEFERRED[model] = (graph, layout, dtype)
     return model
 
 
@@ -253,8 +300,8 @@ def complete(model: keras.Model, weights: Mapping[str, np.ndarray]) -> keras.Mod
     the canonical `weights` give."""
     if model not in _DEFERRED:
         return model
-    graph, layout = _DEFERRED[model]
-    return build(graph, layout, weights)
+    graph, layout, dtype = _DEFERRED[model]
+    return build(graph, layout, weights, dtype)
 
 
 def _dense_features(graph: Graph, weights: Mapping[str, np.ndarray] | None) -> dict[str, int]:

@@ -4,9 +4,18 @@ Numerical equivalence on the zoo is the conformance suite's job (`pytest tests/c
 --backend flax`); here a small graph exercising every node type, with nested and interleaved
 namespaces, is checked against the NumPy reference, a graph of SAME windows at even and odd
 sizes too, and the book's JAX stem against the same stem written with flax.linen's own modules.
+Devices, device-side totals and mixed precision are checked here, data parallelism in
+`test_flax_parallel.py`, which `test_data_parallel_on_two_cpu_devices` runs in a process with two
+XLA host devices.
 """
 
 from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 
 import multires  # noqa: E402
 from multires import SGD, reference  # noqa: E402
-from multires.errors import ShapeError, WeightsError  # noqa: E402
+from multires.backend import CPU_DEVICES_ENV, Execution  # noqa: E402
+from multires.errors import DeviceError, ShapeError, WeightsError  # noqa: E402
 from multires.graph import (  # noqa: E402
     Add,
     AvgPool2d,
@@ -377,3 +387,169 @@ def test_several_inputs_and_outputs() -> None:
         model.apply(flax_backend.load_variables(model, weights), a)
     with pytest.raises(ShapeError, match="cannot add"):
         model.apply(flax_backend.load_variables(model, weights), a, b[:, :, :4])
+
+
+def test_devices_by_name(graph: Graph, weights: dict[str, np.ndarray]) -> None:
+    assert "cpu:0" in flax_backend.available_devices() == multires.available_devices("flax")
+    for name in (None, "cpu", "CPU:0"):
+        runner = flax_backend.make_runner(graph, weights, "NHWC", SGD(), Execution(device=name))
+        assert {leaf.devices().pop() for leaf in jax.tree.leaves(runner.variables)} == {jax.devices("cpu")[0]}
+        assert runner.is_main and runner.execution.device == name
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:1", "tpu", "cpu:7", "cpu:x"])
+def test_unknown_devices_list_the_available_ones(
+    graph: Graph, weights: dict[str, np.ndarray], device: str
+) -> None:
+    if device in ("gpu", "tpu") and any(name.startswith(device) for name in flax_backend.available_devices()):
+        pytest.skip(f"this machine has a {device}")
+    with pytest.raises(DeviceError, match=rf"no device '{re.escape(device)}'; available: .*cpu:0"):
+        multires.make_runner(graph, weights, "flax", device=device)
+
+
+def test_too_many_devices_says_how_to_expose_more(graph: Graph, weights: dict[str, np.ndarray]) -> None:
+    n = jax.device_count() + 1
+    with pytest.raises(
+        DeviceError, match=rf"devices={n} but only {n - 1} .*{CPU_DEVICES_ENV}={n} before the first JAX"
+    ):
+        multires.make_runner(graph, weights, "flax", devices=n)
+
+
+def test_cpu_device_count_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad count is a typed error; once JAX has started, its count stands (the runner reports a
+    shortfall). The count taking effect is `test_data_parallel_on_two_cpu_devices`'s."""
+    before = jax.device_count()
+    for bad in ("two", "0"):
+        monkeypatch.setenv(CPU_DEVICES_ENV, bad)
+        with pytest.raises(DeviceError, match=f"{CPU_DEVICES_ENV} must be a positive number"):
+            flax_backend.expose_cpu_devices()
+    monkeypatch.setenv(CPU_DEVICES_ENV, str(before + 3))
+    flax_backend.expose_cpu_devices()
+    assert jax.device_count() == before
+
+
+def test_device_totals_match_train_step(graph: Graph, weights: dict[str, np.ndarray], x: np.ndarray) -> None:
+    optimizer = SGD(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    stepped, direct = (flax_backend.make_runner(graph, weights, "NHWC", optimizer) for _ in range(2))
+    # Labels the first step predicts, so the correct count is not trivially zero.
+    labels = (
+        flax_backend.make_runner(graph, weights, "NHWC", optimizer).forward(nhwc(x), training=True).argmax(1)
+    )
+    batches = [(nhwc(x), labels), (nhwc(x)[::-1], np.array([4, 0, 2]))]
+    for batch in batches:
+        stepped.step(stepped.prepare(*batch))
+    results = [direct.train_step(*batch) for batch in batches]
+    loss, correct, examples = stepped.take_totals()
+    assert examples == 6 and stepped.take_totals() == (0.0, 0, 0)
+    assert loss == pytest.approx(sum(step_loss * 3 for step_loss, _ in results), rel=1e-6)
+    assert (
+        correct
+        == sum(
+            int((logits.argmax(1) == y).sum()) for (_, logits), (_, y) in zip(results, batches, strict=True)
+        )
+        >= 3
+    )
+    assert_close(stepped.weights(), direct.weights(), 1e-6)
+    assert_close(stepped.optimizer_state(), direct.optimizer_state(), 1e-6)
+    with pytest.raises(ShapeError, match=r"lie in \[0, 5\)"):
+        stepped.prepare(nhwc(x), np.array([0, 1, 5]))
+    with pytest.raises(TypeError, match="prepare"):
+        stepped.step((nhwc(x), labels))
+
+
+MIXED_TOLERANCES = {
+    # precision: relative tolerances of the loss, logits, weights, running statistics and update
+    "bf16": (2e-3, 2e-2, 3e-2, 4e-3, 0.4),
+    "fp16": (2e-4, 3e-3, 5e-3, 1e-3, 0.1),
+}
+"""One SGD step of the small d2l ResNet (batch 8, 16x16) against the float64 reference, about 3x
+what was measured: bf16 5.3e-4, 5.2e-3, 8.0e-3, 9.3e-4, 0.15; fp16 (loss scale 2**10) 4.3e-5,
+6.8e-4, 1.3e-3, 1.7e-4, 0.023. Errors are relative to the largest expected value of any tensor;
+the update's worst is the stem convolution's, whose weight gradient sums many rounded products
+that nearly cancel (torch.autocast's bf16 gradient there is off by 0.28 on d2l_resnet18)."""
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_step_matches_the_reference(precision: str) -> None:
+    graph = multires.spec("d2l_resnet", arch=((1, 64), (1, 128)))
+    weights = random_weights(graph, seed=0, input_shape=(8, 1, 16, 16))
+    rng = np.random.default_rng(0)
+    x, labels = rng.normal(size=(8, 16, 16, 1)).astype(np.float32), rng.integers(0, 10, 8)
+    optimizer = SGD(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    expected = reference.ReferenceRunner(graph, weights, "NHWC", optimizer)
+    runner = multires.make_runner(graph, weights, "flax", "NHWC", optimizer, precision=precision)
+    if precision == "fp16":
+        runner.loss_scale = 2.0**10  # 2**16, the default, overflows on this step (see the next test)
+    loss_tol, logits_tol, weights_tol, stats_tol, update_tol = MIXED_TOLERANCES[precision]
+    eval_logits = runner.forward(x)
+    assert (
+        1e-5 < reference.relative_error(eval_logits, expected.forward(x)) < logits_tol
+    )  # computed in 16 bits
+    loss, logits = runner.train_step(x, labels)
+    ref_loss, ref_logits = expected.train_step(x, labels)
+    assert loss == pytest.approx(ref_loss, rel=loss_tol)
+    assert reference.relative_error(logits, ref_logits) < logits_tol
+    got, want = runner.weights(), expected.weights()
+    assert {value.dtype for value in got.values()} == {np.dtype(np.float32)}
+    assert jax.tree.all(jax.tree.map(lambda leaf: leaf.dtype == jnp.float32, runner.variables))
+    stats = [name for name in want if name.endswith(("running_mean", "running_var"))]
+    params = [name for name in want if name not in stats]
+    assert_close({n: got[n] for n in params}, {n: want[n] for n in params}, weights_tol)
+    assert_close({n: got[n] for n in stats}, {n: want[n] for n in stats}, stats_tol)
+    assert_close(
+        {n: got[n] - weights[n] for n in params}, {n: want[n] - weights[n] for n in params}, update_tol
+    )
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps(
+    graph: Graph, weights: dict[str, np.ndarray], x: np.ndarray
+) -> None:
+    labels = np.array([1, 0, 3])
+    runner = flax_backend.make_runner(
+        graph, weights, "NHWC", SGD(lr=0.1, momentum=0.9), Execution(precision="fp16")
+    )
+    assert runner.loss_scale == 2.0**16
+    runner.loss_scale = 2.0**40  # float16 gradients overflow
+    runner.train_step(nhwc(x), labels)
+    after = runner.weights()
+    assert runner.loss_scale == 2.0**39
+    assert all(np.array_equal(after[name], weights[name]) for name in weights if "running" not in name)
+    assert not np.array_equal(after["stem.bn.running_mean"], weights["stem.bn.running_mean"])  # as torch's
+    runner.loss_scale = 2.0**8
+    runner.train_step(nhwc(x), labels)
+    assert runner.loss_scale == 2.0**8 and not np.array_equal(
+        runner.weights()["head.fc.weight"], weights["head.fc.weight"]
+    )
+    with pytest.raises(DeviceError, match="loss scaling is for precision 'fp16'"):
+        flax_backend.make_runner(graph, weights, "NHWC", SGD(), Execution(precision="bf16")).loss_scale = 2.0
+    assert flax_backend.make_runner(graph, weights, "NHWC", SGD()).loss_scale is None
+
+
+def test_data_parallel_on_two_cpu_devices() -> None:
+    """`test_flax_parallel.py` in a process started with two XLA host devices, where none of its
+    tests may skip."""
+    if jax.device_count() >= 2:
+        pytest.skip("this process has several devices: pytest runs test_flax_parallel.py itself")
+    environment = {**os.environ, CPU_DEVICES_ENV: "2"}
+    command = [sys.executable, "-m", "pytest", str(Path(__file__).with_name("test_flax_parallel.py"))]
+    done = subprocess.run(
+        [*command, "-q", "-p", "no:cacheprovider", "-o", "addopts="],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    assert done.returncode == 0 and re.fullmatch(r"\d+ passed in .*", summary), (
+        done.stdout[-8000:] + done.stderr[-2000:]
+    )
+
+
+def test_initialize_distributed_errors_are_typed() -> None:
+    jax.devices()  # JAX has started in this process
+    with pytest.raises(DeviceError, match=r"process_id must be in \[0, 2\)"):
+        flax_backend.initialize_distributed("localhost:1234", 2, 2)
+    with pytest.raises(DeviceError, match="num_processes must be a positive int"):
+        flax_backend.initialize_distributed("localhost:1234", 0, 0)
+    with pytest.raises(DeviceError, match="before any other JAX use"):
+        flax_backend.initialize_distributed("localhost:1234", 2, 0)

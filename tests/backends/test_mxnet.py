@@ -438,7 +438,7 @@ def test_pytorch_sgd_keeps_pytorchs_buffer_across_learning_rate_changes() -> Non
         buf = d if buf is None else 0.9 * buf + d
         w = w - lr * buf
         np.testing.assert_allclose(param.data().asnumpy(), w, rtol=1e-6, err_msg=f"step {step}")
-        np.testing.assert_allclose(sgd.buffers[0].asnumpy(), buf, rtol=1e-6)
+        np.testing.assert_allclose(sgd.buffers[mx.cpu()][0].asnumpy(), buf, rtol=1e-6)
 
 
 def test_trainer_steps_resume_exactly_from_saved_state(d2l: tuple) -> None:

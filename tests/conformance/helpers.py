@@ -21,7 +21,14 @@ that tensor's largest delta: float32 gradients summed over a batch of feature ma
 relative errors of about 1e-4 (measured up to 6e-4 on resnet18 away from kinks), while a wrong
 gradient is off by O(1). `DELTA_ATOL` (1e-5 of the largest delta of any tensor) covers tensors
 whose exact gradient is zero, such as the bias of a convolution feeding a training-mode
-BatchNorm.
+BatchNorm. The noise allowance of the SGD check is capped at `NOISE_CAP` (1e-3) of each
+tensor's largest update, so a zero update fails, and so does a gradient off by 1% on any tensor
+whose update is over 1/800 of the largest; a case whose allowance exceeds the cap fails as unfit
+to check gradients. On the ImageNet zoo models at 32x32 (last stage 1x1, BatchNorm over 4
+values) the allowance reaches 3.2e-3 (preact_resnet18) to 10 (wide_resnet50_2) times the update
+(resnet50: 3.8; a zero update passed on 62 of its 161 tensors), so their SGD step is
+checked on configurations whose last stage is 2x2 (`cases.SGD_MODELS`), where it stays below
+3.2e-4 of the update and torch, tf and flax err by at most 8e-5 of it.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ DELTA_RTOL = 1e-3
 DELTA_ATOL = 1e-5
 NOISE = 1e-6
 NOISE_FACTOR = 10.0
+NOISE_CAP = 1e-3
 SGD_LR = SGD(lr=0.1)
 
 CACHE = Path(os.environ.get("MULTIRES_REFERENCE_CACHE", Path(__file__).parents[2] / ".cache" / "reference"))
@@ -293,7 +301,8 @@ def assert_loss(loss: float, oracle: Oracle, what: str) -> None:
 
 def assert_sgd_step(actual: Mapping[str, np.ndarray], oracle: Oracle) -> None:
     """Updated weights and running statistics match the reference's SGD step, and so do the
-    weight deltas, which isolate the gradients (see the module docstring for the tolerances)."""
+    weight deltas, which isolate the gradients (see the module docstring for the tolerances).
+    Fails first if the reference's own noise is too large for the check to mean anything."""
     old = oracle.weights
     expected = oracle.sgd
     assert sorted(actual) == sorted(expected), (
@@ -302,14 +311,33 @@ def assert_sgd_step(actual: Mapping[str, np.ndarray], oracle: Oracle) -> None:
     )
     noise = oracle.sgd_perturbed_noise
     deltas = {k: expected[k] - old[k] for k in expected}
-    largest = max(float(np.max(np.abs(d), initial=0.0)) for k, d in deltas.items() if not is_buffer(k))
+    scales = {k: float(np.max(np.abs(d), initial=0.0)) for k, d in deltas.items()}
+    largest = max(scale for k, scale in scales.items() if not is_buffer(k))
+    allowances, noisy = {}, []
+    for name, new in expected.items():
+        allowance, cap = NOISE_FACTOR * noise[name], NOISE_CAP * scales[name]
+        # Below the check's absolute term the noise decides nothing (zero gradients, buffers).
+        floor = (
+            WEIGHT_RTOL * float(np.max(np.abs(new), initial=0.0)) if is_buffer(name) else DELTA_ATOL * largest
+        )
+        if not allowance <= cap + floor:
+            ratio = allowance / max(scales[name], 1e-30)
+            noisy.append(
+                (ratio, f"{name}: allowance {allowance:.2e} is {ratio:.1e} of its update {scales[name]:.2e}")
+            )
+        allowances[name] = min(allowance, cap)
+    assert not noisy, _worst(
+        noisy,
+        f"{oracle.case.id}: the reference's own SGD update moves by more than NOISE_CAP ({NOISE_CAP:g}) of "
+        "the update under a float32-sized perturbation, so this case cannot check gradients; check "
+        "a better-conditioned configuration (deep stages larger than 1x1, another seed) instead",
+    )
     weight_problems, delta_problems = [], []
     for name, new in expected.items():
         got = np.asarray(actual[name], dtype=np.float64)
         assert got.shape == new.shape, f"{name}: shape {got.shape}, expected {new.shape}"
-        allowance = NOISE_FACTOR * noise[name]
         error = float(np.max(np.abs(got - new), initial=0.0))
-        tolerance = WEIGHT_RTOL * float(np.max(np.abs(new), initial=0.0)) + allowance
+        tolerance = WEIGHT_RTOL * float(np.max(np.abs(new), initial=0.0)) + allowances[name]
         if not error <= tolerance:
             weight_problems.append(
                 (error / max(tolerance, 1e-30), f"{name}: max error {error:.2e} > {tolerance:.2e}")
@@ -317,15 +345,21 @@ def assert_sgd_step(actual: Mapping[str, np.ndarray], oracle: Oracle) -> None:
         if is_buffer(name):
             continue
         delta_error = float(np.max(np.abs((got - old[name]) - deltas[name]), initial=0.0))
-        delta_scale = float(np.max(np.abs(deltas[name]), initial=0.0))
-        delta_tolerance = DELTA_RTOL * delta_scale + DELTA_ATOL * largest + allowance
+        delta_tolerance = DELTA_RTOL * scales[name] + DELTA_ATOL * largest + allowances[name]
         if not delta_error <= delta_tolerance:
             delta_problems.append(
                 (
                     delta_error / max(delta_tolerance, 1e-30),
-                    f"{name}: delta error {delta_error:.2e} > {delta_tolerance:.2e} (largest delta {delta_scale:.2e}, "
-                    f"reference noise {noise[name]:.2e})",
+                    f"{name}: delta error {delta_error:.2e} > {delta_tolerance:.2e} (largest delta "
+                    f"{scales[name]:.2e}, reference noise {noise[name]:.2e})",
                 )
             )
-    assert not weight_problems, _worst(weight_problems, "weights after one SGD step")
-    assert not delta_problems, _worst(delta_problems, "weight deltas of one SGD step (gradients)")
+    reports = [
+        _worst(problems, what)
+        for problems, what in (
+            (weight_problems, "weights after one SGD step"),
+            (delta_problems, "weight deltas of one SGD step (gradients)"),
+        )
+        if problems
+    ]
+    assert not reports, "\n".join(reports)

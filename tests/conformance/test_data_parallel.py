@@ -48,6 +48,10 @@ SIZE = 16
 BATCHES = {"even": 8, "uneven": 7}
 WORKER = Path(__file__).with_name("data_parallel_worker.py")
 TIMEOUT = 900
+SEED = 100
+"""Batches are drawn from `SEED + size`. Seed 7 put a ReLU input within float32 rounding of zero
+in step 2 of the uneven case, where even one device misses the reference by 1e-3 (the suite's
+kink problem, see helpers.py): these seeds keep every backend away from kinks."""
 
 
 def _batches(size: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -95,7 +99,7 @@ def _run_jobs(backend: str, layout: str, folder: Path) -> dict[str, dict[str, np
                 )
             )  # fmt: skip
             arrays |= {f"{name}/weights/{k}": v for k, v in weights.items()}
-            for step, (x, y) in enumerate(_batches(size, seed=size)):
+            for step, (x, y) in enumerate(_batches(size, seed=SEED + size)):
                 arrays[f"{name}/x{step}"], arrays[f"{name}/y{step}"] = _to_layout(x, layout), y
     settings = dict(
         epochs=1, lr=OPTIMIZER.lr, momentum=OPTIMIZER.momentum, weight_decay=OPTIMIZER.weight_decay,
@@ -146,7 +150,7 @@ def _single_device(backend: str, layout: str, size: int) -> tuple[Any, list[floa
         graph, mr.random_weights(graph, 0, (1, 1, SIZE, SIZE)), backend, layout, OPTIMIZER
     )
     losses = []
-    for lr, (x, y) in zip(RATES, _batches(size, seed=size), strict=True):
+    for lr, (x, y) in zip(RATES, _batches(size, seed=SEED + size), strict=True):
         runner.set_lr(lr)
         losses.append(runner.train_step(_to_layout(x, layout), y)[0])
     return runner, losses
@@ -159,7 +163,7 @@ def _reference(size: int, sync: bool) -> tuple[ReferenceRunner, list[float], np.
         graph, mr.random_weights(graph, 0, (1, 1, SIZE, SIZE)), "NCHW", OPTIMIZER, execution
     )
     losses, first = [], None
-    for lr, (x, y) in zip(RATES, _batches(size, seed=size), strict=True):
+    for lr, (x, y) in zip(RATES, _batches(size, seed=SEED + size), strict=True):
         runner.set_lr(lr)
         loss, logits = runner.train_step(x, y)
         losses.append(loss)

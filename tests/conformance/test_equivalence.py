@@ -1,6 +1,7 @@
 """The backend computes what the NumPy reference computes: eval and training-mode outputs,
 running statistics and one SGD step (lr 0.1, softmax cross-entropy, random labels), for zoo
-models and per-node-type trap graphs, in every layout (tolerances: see helpers)."""
+models (their SGD step in the configurations of `cases.SGD_MODELS`) and per-node-type trap
+graphs, in every layout (tolerances: see helpers)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import multires
 from multires import reference
 
-from .cases import DEEP, MODELS, NODES, SPATIAL
+from .cases import DEEP, MODELS, NODES, SGD_MODELS, SPATIAL
 from .helpers import (
     OUTPUT_RTOL,
     Oracle,
@@ -36,12 +37,10 @@ def training(oracle: Oracle) -> Oracle:
     return oracle
 
 
-@pytest.fixture
-def classifier(training: Oracle) -> Oracle:
-    """The oracle of a case with (N, classes) logits; the 4-D output case cannot take an SGD step."""
-    if training.case is SPATIAL:
-        pytest.skip("a 4-D output has no softmax cross-entropy")
-    return training
+@pytest.fixture(scope="module", params=[*NODES, *SGD_MODELS], ids=lambda case: case.id)
+def classifier(request: pytest.FixtureRequest) -> Oracle:
+    """The oracle of a case checked over one SGD step (the zoo's: `cases.SGD_MODELS`)."""
+    return Oracle(request.param)
 
 
 def test_eval_outputs_match_the_reference(backend: str, layout: str, oracle: Oracle) -> None:

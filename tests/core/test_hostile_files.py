@@ -14,7 +14,9 @@ import gzip
 import io
 import json
 import struct
+import tracemalloc
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import multires as mr
+from multires import data
 from multires.data import parse_idx, read_idx
 from multires.errors import DataError, SpecError, WeightsError
 from multires.weights import MAX_HEADER, load_file, save
@@ -328,6 +331,51 @@ def test_idx_hostile_headers(code: int, shape: list[int], payload: int) -> None:
     except DataError:
         return
     _check_idx(data, array)
+
+
+def _gzip_bomb(head: bytes, zeros: int) -> bytes:
+    """A gzip member of `head` followed by `zeros` zero bytes, compressed without holding them."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    chunk = bytes(2**20)
+    parts = [compressor.compress(head)]
+    for start in range(0, zeros, len(chunk)):
+        parts.append(compressor.compress(chunk[: zeros - start]))
+    return b"".join([*parts, compressor.flush()])
+
+
+def test_an_idx_gzip_bomb_is_refused_after_what_its_header_promises(folder: Path) -> None:
+    """A 64 MiB expansion behind a header promising 24 values: refused, naming the file, with
+    little more memory than one decompressed chunk."""
+    path = _write(folder, "bomb-idx.gz", _gzip_bomb(IDX[:16], 64 * 2**20))
+    assert path.stat().st_size < 2**17
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"bomb-idx.gz: the gzip data expands past the 40 bytes its IDX"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20
+
+
+def test_an_idx_header_promising_more_than_the_bound_is_refused(folder: Path) -> None:
+    path = _write(folder, "huge-idx.gz", gzip.compress(bytes([0, 0, 8, 1]) + struct.pack(">I", 2**31)))
+    with pytest.raises(DataError, match=r"huge-idx.gz: its IDX header promises shape \(2147483648,\)"):
+        read_idx(path)
+
+
+def test_a_gzip_without_an_idx_header_stops_at_the_absolute_bound(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(data, "MAX_IDX_BYTES", 2**20)
+    path = _write(folder, "bomb-not-idx.gz", _gzip_bomb(b"\x1f\x8b", 2**21))
+    with pytest.raises(DataError, match=f"bomb-not-idx.gz: the gzip data expands past the {2**20} bytes"):
+        read_idx(path)
+
+
+def test_a_gzip_of_several_members_reads_as_their_concatenation(folder: Path) -> None:
+    path = _write(folder, "members-idx.gz", gzip.compress(IDX[:10]) + gzip.compress(IDX[10:]) + bytes(8))
+    _check_idx(IDX, read_idx(path))
 
 
 # Graph JSON.

@@ -1,0 +1,41 @@
+"""Launching one process per device: torch's data parallelism runs under torchrun.
+
+`multires train --devices N` and `benchmarks/bench_train.py` call `torchrun` when they are not
+already one of torchrun's processes, so a user needs no launcher on one machine; across machines
+they run `torchrun` themselves (docs/devices.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from multires.errors import BackendUnavailableError
+
+TORCHRUN_ENV = "WORLD_SIZE"
+"""Set in every process torchrun starts: its presence means "already launched"."""
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one of torchrun's."""
+    return TORCHRUN_ENV in os.environ
+
+
+def threads_per_process(processes: int) -> int:
+    """CPU threads for each of `processes` sharing this machine (at least one)."""
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
+def torchrun(devices: int, arguments: list[str]) -> int:
+    """Run `python ARGUMENTS` under torchrun with `devices` processes on this machine, each with its
+    share of the CPU threads (unless OMP_NUM_THREADS is set); returns the exit status."""
+    try:
+        import torch.distributed.run  # noqa: F401
+    except ModuleNotFoundError:
+        raise BackendUnavailableError(
+            "--devices in torch needs PyTorch: pip install 'multires[torch]'"
+        ) from None
+    threads = os.environ.get("OMP_NUM_THREADS", str(threads_per_process(devices)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}"]
+    return subprocess.call([*command, *arguments], env={**os.environ, "OMP_NUM_THREADS": threads})

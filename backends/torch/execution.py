@@ -14,6 +14,7 @@ and DistributedDataParallel processes.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import os
 import warnings
@@ -145,7 +146,16 @@ def join_processes(execution: Execution) -> Processes:
         torch.set_num_threads(max(1, _cores() // local_world))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # A process that exits with the group alive can abort in gloo's threads ("terminate called
+        # without an active exception") and take its peers down with it: close the group first.
+        atexit.register(_close_processes)
     return Processes(rank, device)
+
+
+def _close_processes() -> None:
+    """Destroy the process group `join_processes` started, if it is still open."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def distributed(model: nn.Module, device: torch.device, sync_batchnorm: bool) -> DistributedDataParallel:

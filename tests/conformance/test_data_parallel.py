@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -108,6 +109,7 @@ def _run_jobs(backend: str, layout: str, folder: Path) -> dict[str, dict[str, np
     jobs.append(dict(kind="train", name="train", graph=graph.to_json(), backend=backend, settings=settings))
     for split, data in (("train", TRAIN), ("test", TEST)):
         arrays[f"train/{split}_images"], arrays[f"train/{split}_labels"] = data.images, data.labels
+    shutil.rmtree(folder / "run", ignore_errors=True)  # a failed earlier launch may have left a run
     (folder / "jobs.json").write_text(json.dumps(jobs))
     np.savez(folder / "inputs.npz", **arrays)
     environment = {**os.environ, CPU_DEVICES_ENV: str(DEVICES), "OMP_NUM_THREADS": "1"}

@@ -13,18 +13,26 @@ import sys
 
 from multires.errors import BackendUnavailableError
 
-TORCHRUN_ENV = "WORLD_SIZE"
+WORLD_SIZE_ENV = "WORLD_SIZE"
 """Set in every process torchrun starts: its presence means "already launched"."""
 
 
 def under_torchrun() -> bool:
     """Whether this process is one of torchrun's."""
-    return TORCHRUN_ENV in os.environ
+    return WORLD_SIZE_ENV in os.environ
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def threads_per_process(processes: int) -> int:
-    """CPU threads for each of `processes` sharing this machine (at least one)."""
-    return max(1, (os.cpu_count() or 1) // processes)
+    """CPU threads for each of `processes` sharing this machine's cores (at least one)."""
+    return max(1, cores() // processes)
 
 
 def torchrun(devices: int, arguments: list[str]) -> int:

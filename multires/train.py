@@ -38,7 +38,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -429,19 +429,16 @@ def train(
         "image_size": [int(height), int(width)],
         "train_examples": len(train_set),
         "test_examples": len(test_set),
-        **asdict(execution),
     }
     optimizer = SGD(lr=lr, momentum=momentum, weight_decay=weight_decay)
     start = _initial_weights(graph, weights, init, seed, (1, 1, height, width))
     runner = build_runner(graph, start, optimizer)
     config["layout"] = runner.layout
-    config.update(asdict(getattr(runner, "execution", execution)))  # a device from MULTIRES_DEVICE too
+    config.update(asdict(getattr(runner, "execution", execution)))  # with a device from MULTIRES_DEVICE
     main = getattr(runner, "is_main", True)
     folder = Path(out) if out is not None else None
     writes = folder if main else None
-    with ExitStack() as stack:
-        if writes is not None:
-            stack.enter_context(_run_lock(writes))
+    with _run_lock(writes) if writes is not None else nullcontext():
         history = History(config)
         position = _Position()
         console = _console(progress and main)

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from multires.backend import Execution, too_many_devices, unknown_device
 from multires.errors import DeviceError
+from multires.launch import threads_per_process
 
 from .lowering import BiasedVarianceBatchNorm2d
 
@@ -143,7 +144,7 @@ def join_processes(execution: Execution) -> Processes:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, _cores() // local_world))
+        torch.set_num_threads(threads_per_process(local_world))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # A process that exits with the group alive can abort in gloo's threads ("terminate called
@@ -169,14 +170,6 @@ def distributed(model: nn.Module, device: torch.device, sync_batchnorm: bool) ->
         name = "broadcast_buffers"
     device_ids = [device] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, **{name: sync_buffers})
-
-
-def _cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def autocast(device: torch.device, precision: str) -> Callable[[], AbstractContextManager[object]]:

@@ -32,7 +32,7 @@ TOLERANCES = {"bf16": {"loss": 1e-2, "update": 0.25}, "fp16": {"loss": 2e-3, "up
 this case, both layouts): bf16 update 8.8e-2 (torch; tf 8.6e-2, flax 8.0e-2, mxnet 7.5e-2) and
 loss 1.0e-3; fp16 update 3.0e-2 (tf, flax; torch 1.9e-2) and loss 1.3e-4. The update error grows
 backwards through the layers (about 1% at the dense layer, 30% at the stem), as torch.autocast's
-own does; a float32 step errs by 4e-6."""
+own does; a float32 step of d2l_resnet18 at 28 x 28 errs by 4e-6 (torch)."""
 SIZE, BATCH = 16, 8
 OPTIMIZER = SGD(lr=0.1, momentum=0.9)
 

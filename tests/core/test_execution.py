@@ -8,6 +8,7 @@ import functools
 import os
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -124,9 +125,7 @@ def test_the_trainer_on_two_devices_trains_like_one_and_resumes_on_one(tmp_path:
     first = train(tiny_graph(), Float32Runner, out=run, devices=2, **{**constant, "epochs": 1})
     assert first.config["devices"] == 2 and first.runner is not None
     assert first.runner.execution == Execution(devices=2)
-    assert first.epochs[0] == whole.epochs[0].__class__(
-        **{**vars(whole.epochs[0]), "seconds": first.epochs[0].seconds}
-    )
+    assert first.epochs[0] == replace(whole.epochs[0], seconds=first.epochs[0].seconds)
     resumed = train(tiny_graph(), Float32Runner, out=run, resume=True, **constant)
     assert resumed.config["devices"] == 1 and [e.epoch for e in resumed.epochs] == [1, 2]
     for name, value in whole.runner.weights().items():  # type: ignore[union-attr]

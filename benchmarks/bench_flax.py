@@ -13,8 +13,14 @@ from torchvision's ResNet-50 in the style of the Flax ImageNet example, with `nn
 explicit padding, submodules named so that the same canonical weights load into both: the
 benchmark checks their outputs agree before timing. Both use the same matmul/conv `--precision`.
 
+`--conv-cases` times single convolutions instead, XLA's own against the im2col matmul that the
+multires lowering uses on XLA:CPU where `backends.flax.lowering.matmul_pays` says so, forward and
+backward, with the rule's choice and whether it was the faster one in that run.
+
     python benchmarks/bench_flax.py            # full run (slow on CPU)
     python benchmarks/bench_flax.py --quick    # CI smoke run: small batch and images
+    python benchmarks/bench_flax.py --models d2l_resnet18 --size 28 --batch 256 --modes train_step
+    python benchmarks/bench_flax.py --conv-cases
 """
 
 from __future__ import annotations
@@ -198,6 +204,86 @@ CASES = {
     "resnet50": Case("resnet50", 224, 1000, 3, ResNet50),
 }
 
+CONV_CASES = [
+    # batch, map size, channels in, out, kernel, stride, padding: ResNet's convolutions at the
+    # sizes of d2l_resnet18 at 28 and 96 pixels and of ResNet-50 at 224
+    (256, 7, 64, 64, 3, 1, 1),
+    (256, 4, 64, 128, 3, 2, 1),
+    (256, 4, 128, 128, 3, 1, 1),
+    (256, 2, 256, 256, 3, 1, 1),
+    (256, 1, 512, 512, 3, 1, 1),
+    (64, 96, 1, 64, 7, 2, 3),
+    (64, 24, 64, 64, 3, 1, 1),
+    (64, 12, 128, 256, 3, 2, 1),
+    (64, 6, 256, 256, 3, 1, 1),
+    (64, 3, 512, 512, 3, 1, 1),
+    (16, 56, 64, 256, 1, 1, 0),
+    (16, 56, 256, 128, 1, 2, 0),
+    (16, 28, 128, 128, 3, 1, 1),
+    (16, 7, 512, 512, 3, 1, 1),
+]
+
+CONV_COLUMNS = [
+    ("case", "convolution (NHWC, HWIO)", ""),
+    ("xla_forward_ms", "XLA fwd ms", ".1f"),
+    ("matmul_forward_ms", "matmul fwd ms", ".1f"),
+    ("xla_backward_ms", "XLA fwd+bwd ms", ".1f"),
+    ("matmul_backward_ms", "matmul fwd+bwd ms", ".1f"),
+    ("speedup", "matmul speed-up fwd+bwd", ".2f"),
+    ("choice", "lowering's choice", ""),
+    ("right", "faster choice?", ""),
+]
+
+
+def bench_convolutions(rounds: int, calls: int, quick: bool) -> list[dict[str, Any]]:
+    """One row per `CONV_CASES` entry: XLA's convolution against the lowering's `im2col_matmul`,
+    forward and forward plus both gradients, interleaved, each whatever `matmul_pays` chooses."""
+    from backends.flax.lowering import im2col_matmul, matmul_pays
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch, size, c_in, c_out, k, stride, pad in CONV_CASES[:2] if quick else CONV_CASES:
+        x = jnp.asarray(rng.standard_normal((batch, size, size, c_in), dtype=np.float32))
+        w = jnp.asarray(rng.standard_normal((k, k, c_in, c_out), dtype=np.float32))
+        numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+        padding = ((pad, pad), (pad, pad))
+        xla = partial(
+            jax.lax.conv_general_dilated,
+            window_strides=(stride, stride),
+            padding=padding,
+            dimension_numbers=numbers,
+            precision="highest",
+        )
+        out_size = (size + 2 * pad - k) // stride + 1
+        pays = matmul_pays((k, k), (stride, stride), c_in, (out_size, out_size))
+
+        matmul = partial(im2col_matmul, strides=(stride, stride), padding=padding, precision="highest")
+        out: dict[str, Any] = {}
+        candidates = {}
+        for name, conv in (("xla", xla), ("matmul", matmul)):
+            forward = jax.jit(lambda x, w, conv=conv: conv(x, w))
+            both = jax.jit(jax.grad(lambda x, w, conv=conv: (conv(x, w) ** 2).sum(), argnums=(0, 1)))
+            out[name] = forward(x, w)
+            candidates[f"{name}_forward"] = lambda f=forward: out.__setitem__("last", f(x, w))
+            candidates[f"{name}_backward"] = lambda f=both: out.__setitem__("last", f(x, w))
+        error = reference.relative_error(np.asarray(out["matmul"]), np.asarray(out["xla"]))
+        if error > 1e-5:
+            raise SystemExit(f"conv_as_matmul differs from XLA's convolution by {error:.1e}")
+        timings = interleave(candidates, rounds, calls, sync=lambda: jax.block_until_ready(out.get("last")))
+        ms = {name: 1e3 / timing.rate(1) for name, timing in timings.items()}
+        speedup = ms["xla_backward"] / ms["matmul_backward"]
+        row = {
+            "case": f"{batch}x{size}x{size}x{c_in} -> {c_out}, {k}x{k} stride {stride}",
+            **{f"{name}_ms": value for name, value in ms.items()},
+            "speedup": speedup,
+            "choice": "matmul" if pays else "XLA conv",
+            "right": "yes" if pays == (speedup > 1) else "no",
+        }
+        print(format_table([row], CONV_COLUMNS).splitlines()[-1], flush=True)
+        rows.append(row)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # Timing.
 
@@ -324,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         help="conv/matmul precision of both models: 'highest' is exact float32 (multires' default), "
         "'default' lets GPUs use TF32",
     )
+    parser.add_argument(
+        "--size", type=int, help="image size (default: 96 for d2l_resnet18, 224 for resnet50)"
+    )
+    parser.add_argument(
+        "--conv-cases", action="store_true", help="time single convolutions, XLA's against the matmul"
+    )
     args = parser.parse_args(argv)
     batch, rounds, calls = (4, 1, 1) if args.quick else (args.batch, args.rounds, args.calls)
     devices = ", ".join(str(d) for d in jax.devices())
@@ -331,12 +423,19 @@ def main(argv: list[str] | None = None) -> int:
         f"JAX {jax.__version__}, Flax {flax.__version__}, optax {optax.__version__}, devices: {devices}, "
         f"{os.cpu_count()} CPUs, precision {args.precision}"
     )
+    if args.conv_cases:
+        conv_rows = bench_convolutions(rounds, calls, args.quick)
+        print("\nXLA's convolution against im2col and one matmul (medians):")
+        print(format_table(conv_rows, CONV_COLUMNS))
+        if args.json:
+            write_json(args.json, conv_rows, jax=jax.__version__, devices=devices)
+        return 0
     peak = gemm_peak()
     print(f"float32 GEMM peak (NumPy matmul 2048, all cores): {peak}", flush=True)
     rows = []
     for name in args.models:
         case = CASES[name]
-        size = 64 if args.quick else case.size
+        size = 64 if args.quick else args.size or case.size
         rows += bench(case, batch, size, rounds, calls, args.precision, peak, args.modes)
     print("\nmultires vs hand-written Flax; ratio = multires / hand-written (target >= 0.97):")
     print(format_table(rows, COLUMNS))

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from multires.backend import LoweringTable
 from multires.errors import ShapeError, SpecError
@@ -60,12 +61,14 @@ from multires.shapes import check_input_shape, check_layout, infer_shapes
 class Compute:
     """How the lowered layers compute, fixed when the model is built: the matmul and convolution
     `precision`, the compute `dtype` (None: float32, the parameters' own; `jnp.bfloat16` or
-    `jnp.float16` for mixed precision, parameters staying float32) and the number of BatchNorm
-    statistics `groups` (see the module docstring)."""
+    `jnp.float16` for mixed precision, parameters staying float32), the number of BatchNorm
+    statistics `groups` (see the module docstring) and whether convolutions run as matmuls where
+    that pays on XLA:CPU (`conv_as_matmul`)."""
 
     precision: Any = "highest"
     dtype: Any = None
     groups: int = 1
+    conv_as_matmul: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,109 @@ def _padding(padding: WindowPadding) -> str | tuple[tuple[int, int], ...]:
     return "SAME" if padding == SAME else padding
 
 
+MATMUL_MIN_STRIDED_CHANNELS = 16
+"""A strided convolution with at least this many input channels runs as a matmul on XLA:CPU."""
+
+MATMUL_MAX_OUTPUT_PIXELS = 9
+"""A convolution with at most this many output positions (3 x 3) runs as a matmul on XLA:CPU."""
+
+
+def matmul_pays(
+    kernel: Sequence[int], stride: Sequence[int], in_channels: int, output: Sequence[int]
+) -> bool:
+    """Whether XLA:CPU computes this ungrouped, undilated convolution faster as im2col and one
+    matmul than as its own convolution, forward and backward (`benchmarks/bench_flax.py
+    --conv-cases` measures each case).
+
+    XLA:CPU's convolution emitter is slow on small maps and strided windows: a 3 x 3 convolution
+    of 256 channels on a 2 x 2 map, batch 256, takes 186 ms forward and 372 ms backward, 21x and
+    14x the matmul. A 1 x 1 convolution is a matmul already (56 x 56 x 64 -> 256, batch 16: 2.0x
+    faster forward, 1.5x backward), and a strided window gathers a quarter of the input or less.
+    On larger maps at stride 1 the emitter wins (28 x 28 x 128, batch 16: 3.7x faster forward than
+    the matmul, which first copies each input nine times), as it does on the stem's few channels.
+    """
+    if all(k == 1 for k in kernel):
+        return True
+    if any(s > 1 for s in stride) and in_channels >= MATMUL_MIN_STRIDED_CHANNELS:
+        return True
+    return math.prod(output) <= MATMUL_MAX_OUTPUT_PIXELS
+
+
+def conv_as_matmul(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    **options: Any,
+) -> jax.Array:
+    """`lax.conv_general_dilated` for `nn.Conv` (NHWC input, HWIO kernel) that runs a 2-D,
+    ungrouped, undilated convolution as im2col and one matmul where `matmul_pays`, and anything
+    else as XLA's convolution. The sum is over the same products, so only float32 rounding
+    differs; parameters and their layout are `nn.Conv`'s own."""
+    dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    if lhs.ndim != 4 or feature_group_count != 1 or dilated or options:
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            precision=precision,
+            **options,
+        )
+    kernel, in_channels = rhs.shape[:2], rhs.shape[2]
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], kernel, window_strides, padding)
+    padded = [size + before + after for size, (before, after) in zip(lhs.shape[1:3], padding)]
+    output = [(size - k) // s + 1 for size, k, s in zip(padded, kernel, window_strides)]
+    if not matmul_pays(kernel, window_strides, in_channels, output):
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            precision=precision,
+        )
+    return im2col_matmul(lhs, rhs, window_strides, padding, precision)
+
+
+def im2col_matmul(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+    precision: Any = None,
+) -> jax.Array:
+    """A 2-D convolution (NHWC input, HWIO kernel, per-side `padding`) as one matmul: the padded
+    input's windows side by side along the channels (im2col), times the kernel as a matrix."""
+    (kh, kw, _, out_channels), (sh, sw) = kernel.shape, strides
+    if any(any(pads) for pads in padding):
+        x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    windows = [
+        x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    columns = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
+    y = jnp.matmul(
+        columns.reshape(-1, columns.shape[-1]), kernel.reshape(-1, out_channels), precision=precision
+    )
+    return y.reshape(x.shape[0], oh, ow, out_channels)
+
+
 @lowers(Conv2d)
 def conv2d(node: Conv2d, name: str, compute: Compute) -> Layer:
     def layer(inputs: Sequence[jax.Array], mode: Mode) -> jax.Array:
@@ -123,6 +229,7 @@ def conv2d(node: Conv2d, name: str, compute: Compute) -> Layer:
             dtype=compute.dtype,
             kernel_init=_KAIMING_FAN_OUT,
             bias_init=_uniform(1 / math.sqrt(fan_in)),
+            conv_general_dilated=conv_as_matmul if compute.conv_as_matmul else None,
             name=name,
         )
         return conv(x)
@@ -444,7 +551,8 @@ class Model(nn.Module):
     is that of inputs and 4-D outputs: "NHWC" (native) or "NCHW" (transposed at the boundary,
     exactly equivalent). One output is returned as an array, several as a tuple. With a compute
     `dtype` the inputs are cast to it and the outputs come in it; `groups` and the training
-    `mask` are BatchNorm's (see `SpecBatchNorm`).
+    `mask` are BatchNorm's (see `SpecBatchNorm`). `conv_as_matmul` (None: when JAX's default
+    backend is the CPU) runs convolutions as im2col and a matmul where `matmul_pays`.
     """
 
     graph: Graph
@@ -452,6 +560,7 @@ class Model(nn.Module):
     precision: Any = "highest"
     dtype: Any = None
     groups: int = 1
+    conv_as_matmul: bool | None = None
 
     @nn.compact
     def __call__(
@@ -462,7 +571,8 @@ class Model(nn.Module):
             x = jnp.asarray(x) if self.dtype is None else jnp.asarray(x, self.dtype)
             env[name] = jnp.transpose(x, (0, 2, 3, 1)) if self.layout == "NCHW" else x
         names = [node.name for node in self.graph.nodes]
-        compute = Compute(self.precision, self.dtype, self.groups)
+        as_matmul = jax.default_backend() == "cpu" if self.conv_as_matmul is None else self.conv_as_matmul
+        compute = Compute(self.precision, self.dtype, self.groups, as_matmul)
         env = _run(self.graph, 0, env, names, Mode(train, mask), compute)
         outputs = tuple(
             jnp.transpose(env[o], (0, 3, 1, 2)) if self.layout == "NCHW" and env[o].ndim == 4 else env[o]
@@ -493,7 +603,12 @@ class Model(nn.Module):
 
 
 def build(
-    graph: Graph, layout: str = "NHWC", precision: Any = "highest", dtype: Any = None, groups: int = 1
+    graph: Graph,
+    layout: str = "NHWC",
+    precision: Any = "highest",
+    dtype: Any = None,
+    groups: int = 1,
+    conv_as_matmul: bool | None = None,
 ) -> Model:
     """The linen Module of `graph`, unbound: get variables from `model.init` or `load_variables`.
 
@@ -501,5 +616,7 @@ def build(
     accelerators (pass None for the faster TF32/bfloat16 defaults of GPUs and TPUs). `dtype` is
     the compute dtype of mixed precision (`jnp.bfloat16`, `jnp.float16`; parameters stay
     float32) and `groups` the number of separate BatchNorm statistics (see `SpecBatchNorm`).
+    `conv_as_matmul` runs the convolutions that XLA:CPU computes faster as a matmul that way
+    (`matmul_pays`); None decides by JAX's default backend (the CPU: yes; GPUs and TPUs: no).
     """
-    return Model(graph, check_layout(layout), precision, dtype, groups)
+    return Model(graph, check_layout(layout), precision, dtype, groups, conv_as_matmul)

@@ -114,8 +114,11 @@ class FlaxRunner:
         self.is_main = jax.process_index() == 0
         dtype = DTYPES[execution.precision]
         groups = 1 if execution.sync_batchnorm else execution.devices
-        # Mixed precision leaves the convolution precision to the device (bfloat16 tensor cores).
-        self.model: Model = build(graph, layout, "highest" if dtype is None else None, dtype, groups)
+        # Mixed precision leaves the convolution precision to the device (bfloat16 tensor cores);
+        # convolutions run as matmuls where that pays on the CPU (`lowering.matmul_pays`).
+        on_cpu = self.devices[0].platform == "cpu"
+        precision = "highest" if dtype is None else None
+        self.model: Model = build(graph, layout, precision, dtype, groups, conv_as_matmul=on_cpu)
         if len(self.devices) == 1:
             self._replicated: Sharding = SingleDeviceSharding(self.devices[0])
             self._sharded: Sharding = self._replicated

@@ -553,3 +553,73 @@ def test_initialize_distributed_errors_are_typed() -> None:
         flax_backend.initialize_distributed("localhost:1234", 0, 0)
     with pytest.raises(DeviceError, match="before any other JAX use"):
         flax_backend.initialize_distributed("localhost:1234", 2, 0)
+
+
+CONV_CASES = [
+    # kernel, stride, padding, channels in, input size: every branch of `matmul_pays`
+    ((1, 1), (1, 1), ((0, 0), (0, 0)), 8, (5, 7), "1x1"),
+    ((1, 1), (2, 2), ((0, 0), (0, 0)), 8, (5, 7), "strided 1x1"),
+    ((3, 3), (2, 2), ((1, 0), (0, 1)), 16, (5, 7), "strided 3x3, asymmetric pads"),
+    ((3, 3), (2, 2), "SAME", 16, (5, 7), "strided 3x3, SAME at an odd size"),
+    ((3, 3), (1, 1), ((1, 1), (1, 1)), 4, (3, 2), "3x3 on a small map"),
+    ((2, 3), (1, 2), ((0, 1), (2, 0)), 20, (5, 7), "2x3 window, mixed strides"),
+]
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, channels, size, what", CONV_CASES, ids=[c[-1] for c in CONV_CASES]
+)
+def test_conv_as_matmul_equals_xla_convolution(kernel, stride, padding, channels, size, what):
+    """The matmul path computes the same convolution as XLA's, forward and both gradients, and
+    takes it where `matmul_pays` says so."""
+    from backends.flax.lowering import conv_as_matmul, matmul_pays
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((3, *size, channels), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((*kernel, channels, 6), dtype=np.float32))
+    numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def xla(x, w):
+        return jax.lax.conv_general_dilated(x, w, stride, padding, dimension_numbers=numbers)
+
+    def matmul(x, w):
+        return conv_as_matmul(x, w, stride, padding, dimension_numbers=numbers)
+
+    expected, got = xla(x, w), matmul(x, w)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(jnp.abs(expected).max()))
+    for grad_xla, grad_matmul in zip(
+        jax.grad(lambda x, w: (xla(x, w) ** 2).sum(), argnums=(0, 1))(x, w),
+        jax.grad(lambda x, w: (matmul(x, w) ** 2).sum(), argnums=(0, 1))(x, w),
+        strict=True,
+    ):
+        np.testing.assert_allclose(
+            grad_matmul, grad_xla, rtol=1e-5, atol=1e-5 * float(jnp.abs(grad_xla).max())
+        )
+    assert matmul_pays(kernel, stride, channels, expected.shape[1:3])
+    uses_dot = "dot_general" in str(jax.make_jaxpr(matmul)(x, w))
+    assert uses_dot and "conv_general_dilated" not in str(jax.make_jaxpr(matmul)(x, w))
+
+
+def test_conv_as_matmul_keeps_xla_convolution_where_it_is_faster():
+    """A 3x3 stride-1 convolution on a map larger than 3 x 3, a grouped and a dilated one stay
+    XLA's; the model built either way computes the same function with the same variables."""
+    from backends.flax.lowering import conv_as_matmul, matmul_pays
+
+    assert not matmul_pays((3, 3), (1, 1), 64, (4, 4))
+    assert not matmul_pays((7, 7), (2, 2), 1, (48, 48))
+    x = jnp.ones((1, 8, 8, 4))
+    w = jnp.ones((3, 3, 2, 4))
+    numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    grouped = jax.make_jaxpr(
+        lambda x, w: conv_as_matmul(x, w, (1, 1), "SAME", dimension_numbers=numbers, feature_group_count=2)
+    )(x, w)
+    assert "conv_general_dilated" in str(grouped)
+
+    graph = small_graph()
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    variables = to_variables(random_weights(graph, seed=1, input_shape=SHAPE), graph)
+    outputs = [
+        flax_backend.build(graph, "NCHW", conv_as_matmul=flag).apply(variables, x) for flag in (False, True)
+    ]
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)

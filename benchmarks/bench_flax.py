@@ -14,7 +14,7 @@ explicit padding, submodules named so that the same canonical weights load into 
 benchmark checks their outputs agree before timing. Both use the same matmul/conv `--precision`.
 
 `--conv-cases` times single convolutions instead, XLA's own against the im2col matmul that the
-multires lowering uses on XLA:CPU where `backends.flax.lowering.matmul_pays` says so, forward and
+multires lowering uses on XLA:CPU where `matmul_pays` (`multires.backends.flax`) says so, forward and
 backward, with the rule's choice and whether it was the faster one in that run.
 
     python benchmarks/bench_flax.py            # full run (slow on CPU)
@@ -235,11 +235,23 @@ CONV_COLUMNS = [
 ]
 
 
+def _convolution_calls(
+    conv: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, w: jax.Array
+) -> tuple[jax.Array, dict[str, Callable[[], None]]]:
+    """The convolution's output, and calls of it jitted forward and forward plus both gradients
+    (each waits for its result)."""
+    forward = jax.jit(conv)
+    both = jax.jit(jax.grad(lambda x, w: (conv(x, w) ** 2).sum(), argnums=(0, 1)))
+    return forward(x, w), {
+        "forward": lambda: jax.block_until_ready(forward(x, w)),
+        "backward": lambda: jax.block_until_ready(both(x, w)),
+    }
+
+
 def bench_convolutions(rounds: int, calls: int, quick: bool) -> list[dict[str, Any]]:
     """One row per `CONV_CASES` entry: XLA's convolution against the lowering's `im2col_matmul`,
     forward and forward plus both gradients, interleaved, each whatever `matmul_pays` chooses."""
-    from backends.flax.lowering import im2col_matmul, matmul_pays
-
+    flax_backend = multires.get_backend("flax")
     rng = np.random.default_rng(0)
     rows = []
     for batch, size, c_in, c_out, k, stride, pad in CONV_CASES[:2] if quick else CONV_CASES:
@@ -255,21 +267,19 @@ def bench_convolutions(rounds: int, calls: int, quick: bool) -> list[dict[str, A
             precision="highest",
         )
         out_size = (size + 2 * pad - k) // stride + 1
-        pays = matmul_pays((k, k), (stride, stride), c_in, (out_size, out_size))
+        pays = flax_backend.matmul_pays((k, k), (stride, stride), c_in, (out_size, out_size))
 
-        matmul = partial(im2col_matmul, strides=(stride, stride), padding=padding, precision="highest")
-        out: dict[str, Any] = {}
-        candidates = {}
+        matmul = partial(
+            flax_backend.im2col_matmul, strides=(stride, stride), padding=padding, precision="highest"
+        )
+        outputs, candidates = {}, {}
         for name, conv in (("xla", xla), ("matmul", matmul)):
-            forward = jax.jit(lambda x, w, conv=conv: conv(x, w))
-            both = jax.jit(jax.grad(lambda x, w, conv=conv: (conv(x, w) ** 2).sum(), argnums=(0, 1)))
-            out[name] = forward(x, w)
-            candidates[f"{name}_forward"] = lambda f=forward: out.__setitem__("last", f(x, w))
-            candidates[f"{name}_backward"] = lambda f=both: out.__setitem__("last", f(x, w))
-        error = reference.relative_error(np.asarray(out["matmul"]), np.asarray(out["xla"]))
+            outputs[name], calls_of = _convolution_calls(conv, x, w)
+            candidates.update({f"{name}_{kind}": call for kind, call in calls_of.items()})
+        error = reference.relative_error(np.asarray(outputs["matmul"]), np.asarray(outputs["xla"]))
         if error > 1e-5:
-            raise SystemExit(f"conv_as_matmul differs from XLA's convolution by {error:.1e}")
-        timings = interleave(candidates, rounds, calls, sync=lambda: jax.block_until_ready(out.get("last")))
+            raise SystemExit(f"im2col_matmul differs from XLA's convolution by {error:.1e}")
+        timings = interleave(candidates, rounds, calls, sync=jax.effects_barrier)
         ms = {name: 1e3 / timing.rate(1) for name, timing in timings.items()}
         speedup = ms["xla_backward"] / ms["matmul_backward"]
         row = {

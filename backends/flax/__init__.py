@@ -28,7 +28,7 @@ from multires.backend import SGD, Execution
 from multires.graph import Graph
 
 from .execution import available_devices, expose_cpu_devices, initialize_distributed
-from .lowering import LOWERINGS, Model, SpecBatchNorm, build
+from .lowering import LOWERINGS, Model, SpecBatchNorm, build, conv_as_matmul, im2col_matmul, matmul_pays
 from .runner import FlaxRunner
 from .weights import export_weights, load_variables, load_weights
 
@@ -66,9 +66,12 @@ __all__ = [
     "SpecBatchNorm",
     "available_devices",
     "build",
+    "conv_as_matmul",
     "export_weights",
+    "im2col_matmul",
     "initialize_distributed",
     "load_variables",
     "load_weights",
     "make_runner",
+    "matmul_pays",
 ]

@@ -115,6 +115,9 @@ MATMUL_MIN_STRIDED_CHANNELS = 16
 MATMUL_MAX_OUTPUT_PIXELS = 9
 """A convolution with at most this many output positions (3 x 3) runs as a matmul on XLA:CPU."""
 
+MATMUL_WIDE = (512, 49)
+"""So does one of at least 512 input channels with at most 49 output positions (7 x 7)."""
+
 
 def matmul_pays(
     kernel: Sequence[int], stride: Sequence[int], in_channels: int, output: Sequence[int]
@@ -124,17 +127,21 @@ def matmul_pays(
     --conv-cases` measures each case).
 
     XLA:CPU's convolution emitter is slow on small maps and strided windows: a 3 x 3 convolution
-    of 256 channels on a 2 x 2 map, batch 256, takes 186 ms forward and 372 ms backward, 21x and
-    14x the matmul. A 1 x 1 convolution is a matmul already (56 x 56 x 64 -> 256, batch 16: 2.0x
-    faster forward, 1.5x backward), and a strided window gathers a quarter of the input or less.
-    On larger maps at stride 1 the emitter wins (28 x 28 x 128, batch 16: 3.7x faster forward than
-    the matmul, which first copies each input nine times), as it does on the stem's few channels.
+    of 256 channels on a 2 x 2 map, batch 256, takes 187 ms forward and 377 ms forward and
+    backward, 24x and 17x the matmul. A 1 x 1 convolution is a matmul already (56 x 56 x 64 -> 256,
+    batch 16: 1.7x faster forward, 3.3x with the backward pass), and a strided window gathers a
+    quarter of the input or less.
+    On larger maps at stride 1 the emitter wins (28 x 28 x 128, batch 16: 3.2x faster forward than
+    the matmul, which first copies each input nine times) unless the channels are many (7 x 7 x 512:
+    the matmul is 1.3x faster), as it does on the stem's few channels (forward, 1.3x).
     """
     if all(k == 1 for k in kernel):
         return True
     if any(s > 1 for s in stride) and in_channels >= MATMUL_MIN_STRIDED_CHANNELS:
         return True
-    return math.prod(output) <= MATMUL_MAX_OUTPUT_PIXELS
+    pixels = math.prod(output)
+    wide_channels, wide_pixels = MATMUL_WIDE
+    return pixels <= MATMUL_MAX_OUTPUT_PIXELS or (in_channels >= wide_channels and pixels <= wide_pixels)
 
 
 def conv_as_matmul(
@@ -170,8 +177,8 @@ def conv_as_matmul(
     kernel, in_channels = rhs.shape[:2], rhs.shape[2]
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], kernel, window_strides, padding)
-    padded = [size + before + after for size, (before, after) in zip(lhs.shape[1:3], padding)]
-    output = [(size - k) // s + 1 for size, k, s in zip(padded, kernel, window_strides)]
+    padded = [size + before + after for size, (before, after) in zip(lhs.shape[1:3], padding, strict=True)]
+    output = [(size - k) // s + 1 for size, k, s in zip(padded, kernel, window_strides, strict=True)]
     if not matmul_pays(kernel, window_strides, in_channels, output):
         return lax.conv_general_dilated(
             lhs,

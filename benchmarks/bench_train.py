@@ -17,9 +17,10 @@ step, both warm (compiled) and on the same runner. The bare step is the runner's
 prepared batch, `--overhead-steps` times, with `take_totals` at the end; the trainer's is
 `multires.train.train` over as many full batches (synthetic images of the same size), which adds
 the prefetch thread, the learning-rate schedule and the progress totals (read after every step in
-an epoch under 50 steps, every `steps // 50` in longer ones). Each is timed `--overhead-rounds`
-times, in the order bare, trainer, trainer, bare, ... (so a load that drifts favours neither); the
-table shows the median trainer time over the median bare time, less one.
+an epoch under 50 steps, every `steps // 50` in longer ones). Both are timed once per round for
+`--overhead-rounds` rounds, in the order bare, trainer, trainer, bare, ... (so a load that drifts
+favours neither); the table shows the median over rounds of the trainer's time over the bare
+time, less one, and in brackets the lowest and highest round (the noise of that run).
 
 Each backend usually lives in its own environment (their pins conflict), so every run merges its
 rows into `benchmarks/results/train.json` (one row per backend, layout, image size, limit, device,
@@ -168,17 +169,26 @@ def measure_overhead(
         return history.epochs[0].seconds / steps
 
     bare()  # warm-up: the step is compiled already; this settles caches and clocks
+    trainer()
+    ratios: list[float] = []
     bares: list[float] = []
     trainers: list[float] = []
     for round_ in range(args.overhead_rounds):  # in the order ABBA..., so a drifting load biases neither
-        for which in ("bare", "trainer") if round_ % 2 == 0 else ("trainer", "bare"):
-            (bares if which == "bare" else trainers).append(bare() if which == "bare" else trainer())
-    bare_s, trainer_s = statistics.median(bares), statistics.median(trainers)
+        order = ("bare", "trainer") if round_ % 2 == 0 else ("trainer", "bare")
+        times = {which: bare() if which == "bare" else trainer() for which in order}
+        bares.append(times["bare"])
+        trainers.append(times["trainer"])
+        ratios.append(times["trainer"] / times["bare"])
+    percents = sorted(round(100 * (ratio - 1), 1) for ratio in ratios)
+    if getattr(runner, "is_main", True):
+        print(f"trainer overhead per round, %: {percents}", flush=True)
     return {
-        "overhead_pct": round(100 * (trainer_s / bare_s - 1), 1),
-        "bare_examples_per_sec": round(batch / bare_s, 1),
-        "trainer_examples_per_sec": round(batch / trainer_s, 1),
+        "overhead_pct": round(100 * (statistics.median(ratios) - 1), 1),
+        "overhead_range_pct": [percents[0], percents[-1]],
+        "bare_examples_per_sec": round(batch / statistics.median(bares), 1),
+        "trainer_examples_per_sec": round(batch / statistics.median(trainers), 1),
         "overhead_steps": steps,
+        "overhead_rounds": args.overhead_rounds,
     }
 
 
@@ -215,7 +225,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "Devices > 1 is data parallelism over that many devices (processes under torchrun in torch, CPU",
         "devices in tf and flax on a CPU); precision is fp32 or the framework's mixed bf16/fp16.",
         "Overhead % is the trainer's time per step over the same runner's bare `step` on one prepared",
-        "batch, both warm, less one (see the script's docstring).",
+        "batch, both warm, less one: the median of paired rounds, the lowest and highest round in brackets",
+        "(see the script's docstring).",
         "",
         "| backend | framework | layout | image | device | devices | precision | epochs | train examples "
         "| batch | lr | schedule | momentum | train loss | train acc | test acc | examples/s | overhead % "
@@ -224,6 +235,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         overhead = f"{r['overhead_pct']:.1f}" if r.get("overhead_pct") is not None else "-"
+        if r.get("overhead_range_pct"):
+            overhead += " ({} to {})".format(*r["overhead_range_pct"])
         lines.append(
             f"| {r['backend']} | {r['framework']} | {r['layout']} | {r['image']} | {r['device']} | {r['devices']} "
             f"| {r['precision']} | {r['epochs']} "
@@ -259,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "--overhead-steps", type=int, default=10, metavar="N", help="steps per overhead timing (0: none)"
     )
     parser.add_argument(
-        "--overhead-rounds", type=int, default=2, metavar="N", help="overhead timings (median)"
+        "--overhead-rounds", type=int, default=6, metavar="N", help="paired overhead timings (median ratio)"
     )
     parser.add_argument("--data", metavar="DIR", help="folder of the Fashion-MNIST files")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for train.json and train.md")

@@ -79,6 +79,16 @@ def static_padding(node: Conv2d | MaxPool2d | AvgPool2d) -> Padding | None:
     return (rows, cols)
 
 
+def pads_as_same(node: Conv2d | MaxPool2d | AvgPool2d) -> bool:
+    """Whether the node's explicit padding is what SAME pads at every input size: stride 1 on
+    both axes and `(k - 1) * d` in all, the larger half after (a 3 x 3 window padded 1 on each
+    side). A backend may then use its framework's own SAME, which needs no separate padding op."""
+    if node.padding == SAME or any(s != 1 for s in node.stride):
+        return False
+    dilation = node.dilation if isinstance(node, Conv2d) else (1, 1)
+    return tuple(node.padding) == tuple(same_padding(1, k, 1, d) for k, d in zip(node.kernel, dilation, strict=True))
+
+
 def symmetric_padding(padding: Padding) -> Pair | None:
     """`(ph, pw)` when each axis pads both sides alike (what a framework layer's own `padding`
     argument can express), else None (the backend pads explicitly before the layer)."""

@@ -35,6 +35,7 @@ from multires.graph import (
     Padding,
     Pair,
     ReLU,
+    pads_as_same,
 )
 from multires.graph import BatchNorm as BatchNormNode
 from multires.shapes import check_layout, infer_shapes
@@ -99,12 +100,15 @@ def _same_pad(x: Any, node: Conv2d | AvgPool2d, ctx: LoweringContext, dilation: 
 
 @lowers(Conv2d)
 def conv2d(node: Conv2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
-    """`Conv2D`: SAME is Keras' own "same" (TensorFlow's SAME); explicit per-side padding is a
-    `ZeroPadding2D` before a "valid" convolution. TensorFlow refuses stride with dilation, so
-    such a convolution runs at stride 1 and is subsampled, SAME padded for its real stride."""
+    """`Conv2D`: SAME is Keras' own "same" (TensorFlow's SAME), and so is explicit padding that
+    equals it (`pads_as_same`: a 3 x 3 convolution at stride 1 padded 1 on each side, as Keras
+    code writes it); other explicit per-side padding is a `ZeroPadding2D` before a "valid"
+    convolution. TensorFlow refuses stride with dilation, so such a convolution runs at stride 1
+    and is subsampled, SAME padded for its real stride."""
     both = max(node.stride) > 1 and max(node.dilation) > 1
+    same = node.padding == SAME or pads_as_same(node)
     x = inputs[0]
-    if node.padding != SAME:
+    if not same:
         x = _zero_pad(x, node, node.padding, ctx)
     elif both:
         x = _same_pad(x, node, ctx, node.dilation)
@@ -112,7 +116,7 @@ def conv2d(node: Conv2d, inputs: Sequence[Any], ctx: LoweringContext) -> Any:
         node.out_channels,
         node.kernel,
         strides=(1, 1) if both else node.stride,
-        padding="same" if node.padding == SAME and not both else "valid",
+        padding="same" if same and not both else "valid",
         data_format=ctx.data_format,
         dilation_rate=node.dilation,
         groups=node.groups,

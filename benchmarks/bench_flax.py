@@ -421,9 +421,6 @@ def main(argv: list[str] | None = None) -> int:
         "'default' lets GPUs use TF32",
     )
     parser.add_argument(
-        "--size", type=int, help="image size (default: 96 for d2l_resnet18, 224 for resnet50)"
-    )
-    parser.add_argument(
         "--conv-cases", action="store_true", help="time single convolutions, XLA's against the matmul"
     )
     args = parser.parse_args(argv)

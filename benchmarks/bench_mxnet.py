@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.models:
         case = CASES[name]
-        size = 64 if args.quick else case.size
+        size = 64 if args.quick else args.size or case.size
         rows += bench(case, batch, size, rounds, calls, args.optimizer, peak, args.modes)
     print("\nmultires vs hand-written Gluon; ratio = multires / hand-written (target >= 0.97):")
     print(format_table(rows, COLUMNS))

@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"float32 GEMM peak (torch.mm 2048, {args.threads} threads): {peak}", flush=True)
     rows = []
     for name in args.models:
-        rows += bench(name, batch, 64 if args.quick else CASES[name], rounds, calls, args.threads, peak)
+        rows += bench(
+            name, batch, 64 if args.quick else args.size or CASES[name], rounds, calls, args.threads, peak
+        )
     print("\nratio onnxruntime / PyTorch (inference, images/s):")
     print(format_table(rows, COLUMNS))
     print(peak.footnote())

@@ -210,9 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keras-backends", nargs="+", choices=list(KERAS_BACKENDS), default=list(KERAS_BACKENDS)
     )
-    parser.add_argument("--size", type=int, default=224, help="inference image size (default 224)")
     parser.add_argument("--train-size", type=int, default=160, help="training image size (default 160)")
-    parser.set_defaults(batch=16)
+    parser.set_defaults(batch=16, size=224)  # --size: the inference image size
     args = parser.parse_args(argv)
     batch, rounds, calls = (2, 1, 1) if args.quick else (args.batch, args.rounds, args.calls)
     sizes = (64, 64) if args.quick else (args.size, args.train_size)

@@ -220,7 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         case = CASES[name]
         rows += bench(
-            case, batch, 32 if args.quick else case.size, rounds, calls, jit_modes, peak, args.modes
+            case,
+            batch,
+            32 if args.quick else args.size or case.size,
+            rounds,
+            calls,
+            jit_modes,
+            peak,
+            args.modes,
         )
     print("\nmultires vs hand-written Keras; ratio = multires / hand-written (target >= 0.97):")
     print(format_table(rows, COLUMNS))

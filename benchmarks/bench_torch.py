@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.models:
         case = CASES[name]
-        size = case.size // 3 if args.quick else case.size
+        size = case.size // 3 if args.quick else args.size or case.size
         rows += bench(case, batch, size, variants, rounds, args.calls, warmup, peak, args.modes)
     print(format_table([r.__dict__ for r in rows], COLUMNS))
     print(peak.footnote())

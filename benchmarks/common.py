@@ -272,12 +272,13 @@ def benchmark_parser(
     quick: str = "batch 4, 64x64 images, 1 round",
     modes: bool = True,
 ) -> argparse.ArgumentParser:
-    """A parser with the options every benchmark takes (`--quick`, `--models`, `--batch`,
+    """A parser with the options every benchmark takes (`--quick`, `--models`, `--batch`, `--size`,
     `--rounds`, `--calls`, `--json`, and with `modes` also `--modes`); a script adds its own."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"CI smoke run: {quick}")
     parser.add_argument("--models", nargs="+", choices=sorted(models), default=list(models))
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", type=int, help="image size (default: each model's own)")
     parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds (median taken)")
     parser.add_argument("--calls", "--iters", type=int, default=calls, help="timed calls per round")
     parser.add_argument("--json", help="also write the rows to this JSON file")

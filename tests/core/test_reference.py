@@ -28,6 +28,7 @@ from multires.graph import (
     Node,
     Pad2d,
     ReLU,
+    pads_as_same,
     resolve_padding,
 )
 from multires.weights import is_buffer, weight_shapes
@@ -251,6 +252,34 @@ def test_same_padding_is_asymmetric_and_depends_on_the_input_size():
     assert Conv2d("c", ("x",), out_channels=1, kernel=3, padding="SAME").padding == "same"
     with pytest.raises(SpecError, match="explicit per side or 'same'.*not 'valid'"):
         Conv2d("c", ("x",), out_channels=1, kernel=3, padding="valid")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    pads=st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.integers(1, 2),
+)
+def test_pads_as_same_holds_exactly_when_the_explicit_pads_compute_same(size, kernel, pads, dilation):
+    """Where `pads_as_same` says so, the explicitly padded conv equals the SAME one at any input
+    size; a stride-1 window it rejects has pads that differ from SAME's."""
+    top, bottom, left, right = pads
+    explicit = Conv2d(
+        "c", ("x",), out_channels=2, kernel=kernel, padding=((top, bottom), (left, right)), dilation=dilation
+    )
+    same = Conv2d("c", ("x",), out_channels=2, kernel=kernel, padding="same", dilation=dilation)
+    expected_pads = tuple(tf_same_pads(s, k, 1, dilation) for s, k in zip(size, kernel, strict=True))
+    assert pads_as_same(explicit) == (explicit.padding == expected_pads)
+    if pads_as_same(explicit):
+        x = np.random.default_rng(sum(size)).normal(size=(1, 2, *size))
+        w = random_weights64(graph_of(explicit, channels=2), x.shape)
+        np.testing.assert_array_equal(
+            reference.run(graph_of(explicit, channels=2), w, {"x": x}),
+            reference.run(graph_of(same, channels=2), w, {"x": x}),
+        )
+    strided = Conv2d("c", ("x",), out_channels=2, kernel=3, stride=2, padding=((1, 1), (1, 1)))
+    assert not pads_as_same(strided) and not pads_as_same(same)
 
 
 def test_pad2d_adds_zeros_that_win_a_following_max_over_negative_values():

@@ -86,7 +86,9 @@ def pads_as_same(node: Conv2d | MaxPool2d | AvgPool2d) -> bool:
     if node.padding == SAME or any(s != 1 for s in node.stride):
         return False
     dilation = node.dilation if isinstance(node, Conv2d) else (1, 1)
-    return tuple(node.padding) == tuple(same_padding(1, k, 1, d) for k, d in zip(node.kernel, dilation, strict=True))
+    return tuple(node.padding) == tuple(
+        same_padding(1, k, 1, d) for k, d in zip(node.kernel, dilation, strict=True)
+    )
 
 
 def symmetric_padding(padding: Padding) -> Pair | None:

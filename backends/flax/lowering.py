@@ -161,37 +161,29 @@ def conv_as_matmul(
     else as XLA's convolution. The sum is over the same products, so only float32 rounding
     differs; parameters and their layout are `nn.Conv`'s own."""
     dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-    if lhs.ndim != 4 or feature_group_count != 1 or dilated or options:
-        return lax.conv_general_dilated(
-            lhs,
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            dimension_numbers,
-            feature_group_count,
-            precision=precision,
-            **options,
+    if lhs.ndim == 4 and feature_group_count == 1 and not dilated and not options:
+        kernel, in_channels = rhs.shape[:2], rhs.shape[2]
+        pads = (
+            lax.padtype_to_pads(lhs.shape[1:3], kernel, window_strides, padding)
+            if isinstance(padding, str)
+            else padding
         )
-    kernel, in_channels = rhs.shape[:2], rhs.shape[2]
-    if isinstance(padding, str):
-        padding = lax.padtype_to_pads(lhs.shape[1:3], kernel, window_strides, padding)
-    padded = [size + before + after for size, (before, after) in zip(lhs.shape[1:3], padding, strict=True)]
-    output = [(size - k) // s + 1 for size, k, s in zip(padded, kernel, window_strides, strict=True)]
-    if not matmul_pays(kernel, window_strides, in_channels, output):
-        return lax.conv_general_dilated(
-            lhs,
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            dimension_numbers,
-            feature_group_count,
-            precision=precision,
-        )
-    return im2col_matmul(lhs, rhs, window_strides, padding, precision)
+        padded = [size + before + after for size, (before, after) in zip(lhs.shape[1:3], pads, strict=True)]
+        output = [(size - k) // s + 1 for size, k, s in zip(padded, kernel, window_strides, strict=True)]
+        if matmul_pays(kernel, window_strides, in_channels, output):
+            return im2col_matmul(lhs, rhs, window_strides, pads, precision)
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        precision=precision,
+        **options,
+    )
 
 
 def im2col_matmul(

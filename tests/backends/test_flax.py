@@ -572,7 +572,6 @@ CONV_CASES = [
 def test_conv_as_matmul_equals_xla_convolution(kernel, stride, padding, channels, size, what):
     """The matmul path computes the same convolution as XLA's, forward and both gradients, and
     takes it where `matmul_pays` says so."""
-    from backends.flax.lowering import conv_as_matmul, matmul_pays
 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((3, *size, channels), dtype=np.float32))
@@ -583,7 +582,7 @@ def test_conv_as_matmul_equals_xla_convolution(kernel, stride, padding, channels
         return jax.lax.conv_general_dilated(x, w, stride, padding, dimension_numbers=numbers)
 
     def matmul(x, w):
-        return conv_as_matmul(x, w, stride, padding, dimension_numbers=numbers)
+        return flax_backend.conv_as_matmul(x, w, stride, padding, dimension_numbers=numbers)
 
     expected, got = xla(x, w), matmul(x, w)
     assert got.shape == expected.shape
@@ -596,7 +595,7 @@ def test_conv_as_matmul_equals_xla_convolution(kernel, stride, padding, channels
         np.testing.assert_allclose(
             grad_matmul, grad_xla, rtol=1e-5, atol=1e-5 * float(jnp.abs(grad_xla).max())
         )
-    assert matmul_pays(kernel, stride, channels, expected.shape[1:3])
+    assert flax_backend.matmul_pays(kernel, stride, channels, expected.shape[1:3])
     uses_dot = "dot_general" in str(jax.make_jaxpr(matmul)(x, w))
     assert uses_dot and "conv_general_dilated" not in str(jax.make_jaxpr(matmul)(x, w))
 
@@ -604,15 +603,16 @@ def test_conv_as_matmul_equals_xla_convolution(kernel, stride, padding, channels
 def test_conv_as_matmul_keeps_xla_convolution_where_it_is_faster():
     """A 3x3 stride-1 convolution on a map larger than 3 x 3, a grouped and a dilated one stay
     XLA's; the model built either way computes the same function with the same variables."""
-    from backends.flax.lowering import conv_as_matmul, matmul_pays
 
-    assert not matmul_pays((3, 3), (1, 1), 64, (4, 4))
-    assert not matmul_pays((7, 7), (2, 2), 1, (48, 48))
+    assert not flax_backend.matmul_pays((3, 3), (1, 1), 64, (4, 4))
+    assert not flax_backend.matmul_pays((7, 7), (2, 2), 1, (48, 48))
     x = jnp.ones((1, 8, 8, 4))
     w = jnp.ones((3, 3, 2, 4))
     numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
     grouped = jax.make_jaxpr(
-        lambda x, w: conv_as_matmul(x, w, (1, 1), "SAME", dimension_numbers=numbers, feature_group_count=2)
+        lambda x, w: flax_backend.conv_as_matmul(
+            x, w, (1, 1), "SAME", dimension_numbers=numbers, feature_group_count=2
+        )
     )(x, w)
     assert "conv_general_dilated" in str(grouped)
 

@@ -250,7 +250,7 @@ def _convolution_calls(
 
 def bench_convolutions(rounds: int, calls: int, quick: bool) -> list[dict[str, Any]]:
     """One row per `CONV_CASES` entry: XLA's convolution against the lowering's `im2col_matmul`,
-    forward and forward plus both gradients, interleaved, each whatever `matmul_pays` chooses."""
+    forward and forward plus both gradients, interleaved (both ways, whatever `matmul_pays` chooses)."""
     flax_backend = multires.get_backend("flax")
     rng = np.random.default_rng(0)
     rows = []
@@ -268,7 +268,6 @@ def bench_convolutions(rounds: int, calls: int, quick: bool) -> list[dict[str, A
         )
         out_size = (size + 2 * pad - k) // stride + 1
         pays = flax_backend.matmul_pays((k, k), (stride, stride), c_in, (out_size, out_size))
-
         matmul = partial(
             flax_backend.im2col_matmul, strides=(stride, stride), padding=padding, precision="highest"
         )

@@ -127,13 +127,13 @@ def matmul_pays(
     --conv-cases` measures each case).
 
     XLA:CPU's convolution emitter is slow on small maps and strided windows: a 3 x 3 convolution
-    of 256 channels on a 2 x 2 map, batch 256, takes 187 ms forward and 377 ms forward and
-    backward, 24x and 17x the matmul. A 1 x 1 convolution is a matmul already (56 x 56 x 64 -> 256,
-    batch 16: 1.7x faster forward, 3.3x with the backward pass), and a strided window gathers a
-    quarter of the input or less.
-    On larger maps at stride 1 the emitter wins (28 x 28 x 128, batch 16: 3.2x faster forward than
-    the matmul, which first copies each input nine times) unless the channels are many (7 x 7 x 512:
-    the matmul is 1.3x faster), as it does on the stem's few channels (forward, 1.3x).
+    of 256 channels on a 2 x 2 map, batch 256, takes 210 ms forward and 448 ms forward and
+    backward, 20x and 18x the matmul. A 1 x 1 convolution is a matmul already (56 x 56 x 64 -> 256,
+    batch 16: 1.6x faster forward, 4.4x with the backward pass), and a strided window gathers a
+    quarter of the input or less. On larger maps at stride 1 the emitter wins (28 x 28 x 128,
+    batch 16: 2.9x faster forward than the matmul, which first copies each input nine times)
+    unless the channels are many (7 x 7 x 512: the matmul is 1.2x faster), as it does on the
+    stem's few channels (2.3x faster forward). Figures: `benchmarks/results/flax-conv.json`.
     """
     if all(k == 1 for k in kernel):
         return True

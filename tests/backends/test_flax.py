@@ -572,7 +572,6 @@ CONV_CASES = [
 def test_conv_as_matmul_equals_xla_convolution(kernel, stride, padding, channels, size, what):
     """The matmul path computes the same convolution as XLA's, forward and both gradients, and
     takes it where `matmul_pays` says so."""
-
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((3, *size, channels), dtype=np.float32))
     w = jnp.asarray(rng.standard_normal((*kernel, channels, 6), dtype=np.float32))
@@ -596,14 +595,13 @@ def test_conv_as_matmul_equals_xla_convolution(kernel, stride, padding, channels
             grad_matmul, grad_xla, rtol=1e-5, atol=1e-5 * float(jnp.abs(grad_xla).max())
         )
     assert flax_backend.matmul_pays(kernel, stride, channels, expected.shape[1:3])
-    uses_dot = "dot_general" in str(jax.make_jaxpr(matmul)(x, w))
-    assert uses_dot and "conv_general_dilated" not in str(jax.make_jaxpr(matmul)(x, w))
+    program = str(jax.make_jaxpr(matmul)(x, w))
+    assert "dot_general" in program and "conv_general_dilated" not in program
 
 
 def test_conv_as_matmul_keeps_xla_convolution_where_it_is_faster():
     """A 3x3 stride-1 convolution on a map larger than 3 x 3, a grouped and a dilated one stay
     XLA's; the model built either way computes the same function with the same variables."""
-
     assert not flax_backend.matmul_pays((3, 3), (1, 1), 64, (4, 4))
     assert not flax_backend.matmul_pays((7, 7), (2, 2), 1, (48, 48))
     x = jnp.ones((1, 8, 8, 4))
@@ -615,6 +613,12 @@ def test_conv_as_matmul_keeps_xla_convolution_where_it_is_faster():
         )
     )(x, w)
     assert "conv_general_dilated" in str(grouped)
+    dilated = jax.make_jaxpr(
+        lambda x, w: flax_backend.conv_as_matmul(
+            x, w[:, :, :1], (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=numbers
+        )
+    )(x[..., :1], w)
+    assert "conv_general_dilated" in str(dilated)
 
     graph = small_graph()
     x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
